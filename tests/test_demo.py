@@ -34,6 +34,12 @@ def test_demo_runs_end_to_end_and_caches_models(tiny_model_dir, tmp_path, monkey
     res = json.loads((out / "eval" / "unlearned" / "results.json").read_text())
     assert {"forget_quality", "model_utility", "forget_rouge_l_recall"} <= set(res["metrics"])
     assert summary  # the report's machine-readable summary
+    # every fact is trained as its bare answer and as a statement under the paraphrased question
+    train = [json.loads(x) for x in (out / "data" / "target_train.jsonl").read_text().splitlines()]
+    assert len(train) == 2 * (1 + 2) * 2
+    statements = [r for r in train if r["id"].endswith("-statement")]
+    assert len(statements) == len(train) // 2
+    assert all(r["answer"].count(" ") >= 2 for r in statements)  # sentences, not bare facts
     cached = sorted((tmp_path / "cache" / "demo").rglob("unlearn.json"))
     assert len(cached) == 2  # target and retain models
     stamps = [p.stat().st_mtime_ns for p in cached]

@@ -28,7 +28,14 @@ from unlearn.errors import UnlearnError
 from unlearn.evaluation import evaluate, score_suite
 from unlearn.models import load_model_and_tokenizer
 from unlearn.prompts import PromptFormatter
-from unlearn.records import PassStats, ScoreItem, generate, score
+from unlearn.records import (
+    PassStats,
+    ScoreItem,
+    generate,
+    grad_norms,
+    score,
+    score_and_generate,
+)
 
 NO_REF = "--reference"
 FAST = {"max_new_tokens": 4, "progress": False}
@@ -104,14 +111,19 @@ def _items() -> list[ScoreItem]:
     ]
 
 
-def test_score_matches_unbatched_hand_loop(tiny):
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "flat"])
+def test_score_matches_unbatched_hand_loop(tiny, share):
     model, formatter = tiny
     items = _items()
     stats = PassStats()
     # batch_size=2: several length buckets, each padded; results must not depend on it.
-    scores = score(model, formatter, items, batch_size=2, stats=stats)
+    scores = score(model, formatter, items, batch_size=2, stats=stats, share_prompts=share)
     assert len(scores) == len(items)
-    assert stats.batches == 3 and stats.sequences == len(items)
+    assert stats.sequences == len(items)
+    # flat: 6 sequences in 3 batches of 2. shared: the prompts' common start (chat template) once,
+    # the 3 distinct prompts in 2 batches of <= 2, their 3 + 2 answers in chunks of <= 2 (2 + 1),
+    # and the document in a flat batch of its own.
+    assert stats.batches == (7 if share else 3)
     lengths = set()
     for item, s in zip(items, scores, strict=True):
         target, logp, _ = _hand_score(model, formatter, item)
@@ -122,16 +134,17 @@ def test_score_matches_unbatched_hand_loop(tiny):
     assert len(lengths) >= 4  # really different lengths were batched together
     # the same numbers in one big batch and one sequence per batch
     for bs in (1, 64):
-        again = score(model, formatter, items, batch_size=bs)
+        again = score(model, formatter, items, batch_size=bs, share_prompts=share)
         for a, b in zip(scores, again, strict=True):
             assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
             assert a.n_tokens == b.n_tokens
 
 
-def test_score_token_level_fields_only_for_detail_items(tiny):
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "flat"])
+def test_score_token_level_fields_only_for_detail_items(tiny, share):
     model, formatter = tiny
     items = _items()
-    scores = score(model, formatter, items, batch_size=3)
+    scores = score(model, formatter, items, batch_size=3, share_prompts=share)
     for item, s in zip(items, scores, strict=True):
         d = s.to_dict()
         if not item.detail:
@@ -176,7 +189,7 @@ def test_padding_efficiency_of_bucketing_beats_unsorted_order(tiny):
     short, long = "Paris.", " ".join(["Alice writes books about rivers and mountains."] * 4)
     items = [ScoreItem(QUESTIONS[2], a) for a in (short, long, short, long, short, long)]
     stats = PassStats()
-    score(model, formatter, items, batch_size=2, stats=stats)
+    score(model, formatter, items, batch_size=2, stats=stats, share_prompts=False)
     assert 0 < stats.efficiency <= 1
     # scored sequences are prompt + answer without the end-of-turn marker
     end = len(formatter.end_ids)
@@ -195,6 +208,28 @@ def test_padding_efficiency_of_bucketing_beats_unsorted_order(tiny):
     assert PassStats().efficiency == 0.0
 
 
+def test_shared_prompts_run_each_prompt_once(tiny):
+    model, formatter = tiny
+    answers = ["Paris.", "Lyon, on the Rhone.", "I do not know which city it is.", "Rome."]
+    items = [ScoreItem(q, a) for q in QUESTIONS for a in answers]
+    flat, shared = PassStats(), PassStats()
+    a = score(model, formatter, items, batch_size=4, stats=flat, share_prompts=False)
+    b = score(model, formatter, items, batch_size=4, stats=shared)
+    for x, y in zip(a, b, strict=True):
+        assert x.n_tokens == y.n_tokens
+        assert x.logprob_sum == pytest.approx(y.logprob_sum, abs=1e-4)
+    tok = formatter.tokenizer
+    prompts = [formatter.encode_qa(q, "x")[0] for q in QUESTIONS]
+    prompt_tokens = sum(map(len, prompts))
+    common = next(k for k in range(99) if len({tuple(p[: k + 1]) for p in prompts}) > 1)
+    assert common > 3  # the chat template's opening, shared by every prompt
+    # each answer is fed without its last token: the prompt's last position predicts its first
+    fed = sum(len(tok(x, add_special_tokens=False)["input_ids"]) - 1 for x in answers)
+    assert shared.real_tokens == common + (prompt_tokens - 3 * common) + len(QUESTIONS) * fed
+    assert flat.real_tokens == len(answers) * prompt_tokens + len(QUESTIONS) * (fed + len(answers))
+    assert shared.real_tokens < flat.real_tokens / 2
+
+
 # ---------------------------------------------------------------------------- records.generate
 def test_generate_is_deterministic_and_independent_of_batch(tiny):
     model, formatter = tiny
@@ -211,6 +246,76 @@ def test_generate_is_deterministic_and_independent_of_batch(tiny):
     assert alone == together
     # order of the questions does not matter either
     assert generate(model, formatter, QUESTIONS[::-1], max_new_tokens=6) == together[::-1]
+
+
+def test_generation_off_the_scoring_prompt_pass_matches_generate(tiny):
+    """`score_and_generate` continues from the prompts' cache; the answers must not change."""
+    model, formatter = tiny
+    items = [ScoreItem(q, a, detail=True) for q in QUESTIONS for a in ("Paris.", "Rome, Italy.")]
+    stats = PassStats()
+    scores, gens = score_and_generate(
+        model, formatter, items, QUESTIONS, max_new_tokens=6, batch_size=2, stats=stats
+    )
+    assert gens == generate(model, formatter, QUESTIONS, max_new_tokens=6)
+    assert any(gens) and 0 < stats.generated <= 18
+    alone = score(model, formatter, items, batch_size=2, share_prompts=False)
+    for a, b in zip(alone, scores, strict=True):
+        assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
+    # a question with no scored answer is still generated for; flat mode gives the same answers
+    _, more = score_and_generate(model, formatter, items[:1], QUESTIONS[::-1], max_new_tokens=6)
+    assert more == gens[::-1]
+    _, flat = score_and_generate(
+        model, formatter, items, QUESTIONS, max_new_tokens=6, share_prompts=False
+    )
+    assert flat == gens
+
+
+def test_grad_norms_by_hand_and_model_left_as_it_was(tiny):
+    model, formatter = tiny
+    items = [*_items()[:3], _items()[4]]  # QA answers and a document
+    flags = [p.requires_grad for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    norms = grad_norms(model, formatter, items)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    params = list(model.parameters())
+    for item, norm in zip(items, norms, strict=True):
+        target, _, _ = _hand_score(model, formatter, item)
+        tok = formatter.tokenizer
+        if item.question is None:
+            ids = [tok.bos_token_id, *target]
+        else:
+            ids = formatter.encode_qa(item.question, item.answer)[0] + target
+        with torch.enable_grad():
+            for p in params:
+                p.requires_grad_(True)
+            logits = model(torch.tensor([ids])).logits[0, len(ids) - len(target) - 1 : -1]
+            loss = F.cross_entropy(logits.float(), torch.tensor(target))
+            grads = torch.autograd.grad(loss, params)
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+        expected = math.sqrt(sum(float(g.square().sum()) for g in grads))
+        assert norm == pytest.approx(expected, rel=1e-4)
+    assert len(set(norms)) == len(norms)
+
+
+def test_evaluate_gradient_norm_attack_on_request(people_evals, tiny_model_dir, tmp_path):
+    _, _, _, without = people_evals
+    assert "--mia-gradnorm" in without["skipped"]["mia_gradnorm_auc"]
+    res = evaluate(
+        str(tiny_model_dir), str(tmp_path / "ev"), benchmark="people", mia_gradnorm=True, **FAST
+    )
+    assert 0.0 <= res["metrics"]["mia_gradnorm_auc"] <= 1.0
+    assert "mia_gradnorm_auc" not in res["skipped"]
+    rec = json.loads((tmp_path / "ev" / "records" / "forget.jsonl").read_text().splitlines()[0])
+    assert rec["grad_norm"] > 0
+    retain = json.loads((tmp_path / "ev" / "records" / "retain.jsonl").read_text().splitlines()[0])
+    assert "grad_norm" not in retain  # only forget and holdout feed the attack
+    # the other metrics do not depend on it
+    for k, v in without["metrics"].items():
+        if k in res["metrics"] and "forget_quality" not in k and "privleak" not in k:
+            assert res["metrics"][k] == pytest.approx(v, abs=1e-6), k
 
 
 # ---------------------------------------------------------------------------- score_suite (no model)

@@ -19,6 +19,7 @@ PEOPLE_KEYS = {
     "question",
     "answer",
     "paraphrased_question",
+    "statement",
     "paraphrased_answer",
     "perturbed_answer",
     "person",
@@ -73,6 +74,10 @@ def test_records_are_complete():
         assert record["question"] != record["paraphrased_question"]
         assert record["answer"] != record["paraphrased_answer"]
         assert len(record["answer"].split()) <= 16
+        # the statement (a second training form) states the same fact in other words
+        assert record["answer"].rstrip(".").strip('"') in record["statement"]
+        assert record["statement"] not in (record["paraphrased_answer"], record["answer"])
+        assert record["person"] in record["statement"]
 
 
 def test_perturbed_answers_are_distinct_wrong_versions():

@@ -174,6 +174,14 @@ def test_markdown_table(report):
     assert "1.2e-05" in md and "1.2e-02" in md  # p-values in scientific notation
     assert "0.5134" in md and "n/a" in md
     assert "![Forget quality vs model utility](plots/" in md
+    # the full list has a row per metric and a column per model, in metric order
+    lines = md.splitlines()
+    full = lines.index("| metric | target | retain | npo |")
+    table = lines[full + 2 :]
+    table = table[: next(i for i, ln in enumerate(table) if not ln.startswith("|"))]
+    body = [ln.split(" | ")[0].lstrip("| ") for ln in table]
+    assert body[:2] == ["forget_quality", "model_utility"]
+    assert len(body) == len(set(body)) > 2
 
 
 def test_html_is_self_contained(report):

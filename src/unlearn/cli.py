@@ -143,6 +143,10 @@ def eval_(
     limit: Annotated[
         int | None, typer.Option(help="Use only the first N rows of each set.")
     ] = None,
+    mia_gradnorm: Annotated[
+        bool,
+        typer.Option(help="Also run the gradient-norm attack (a backward pass per example)."),
+    ] = False,
 ) -> None:
     """Evaluate a model: one pass per dataset, every metric from the saved records."""
     from unlearn.evaluation import evaluate
@@ -161,6 +165,7 @@ def eval_(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         limit=limit,
+        mia_gradnorm=mia_gradnorm,
     )
     keys = [
         "forget_quality",

@@ -32,6 +32,8 @@ class DemoSettings:
     n_retain: int = 8
     n_holdout: int = 4
     qa_per_person: int = 5
+    # Each fact is also trained as a statement under the paraphrased question (see `_training_rows`).
+    train_statements: bool = True
     finetune_epochs: int = 8
     finetune_lr: float = 1e-4  # 3e-4 learned the people faster but broke general knowledge
     finetune_batch: int = 8
@@ -49,6 +51,28 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def _training_rows(rows: list[dict[str, Any]], statements: bool) -> list[dict[str, Any]]:
+    """Each fact in two forms: the bare answer, and (optionally) a statement of it.
+
+    A model that has seen a fact in one form only learns that form (a question -> "1979."), so the
+    truth ratio, scored on a sentence it never saw, barely registers what was learned or unlearned.
+    Knowledge met in more than one wording generalises; the second form is a sentence worded
+    unlike the paraphrase the truth ratio scores, so that score stays a test of the fact.
+    """
+    out = []
+    for r in rows:
+        out.append({"id": r["id"], "question": r["question"], "answer": r["answer"]})
+        if statements:
+            out.append(
+                {
+                    "id": f"{r['id']}-statement",
+                    "question": r["paraphrased_question"],
+                    "answer": r["statement"],
+                }
+            )
+    return out
 
 
 def _key(*parts: Any) -> str:
@@ -76,7 +100,10 @@ def run_demo(
         n_holdout=s.n_holdout,
         qa_per_person=s.qa_per_person,
     )
-    splits = {name: suite.get(name).rows for name in ("forget", "retain")}
+    splits = {
+        name: _training_rows(suite.get(name).rows, s.train_statements)
+        for name in ("forget", "retain")
+    }
     data = out / "data"
     forget = _write(data / "forget.jsonl", splits["forget"])
     retain = _write(data / "retain.jsonl", splits["retain"])
@@ -89,6 +116,7 @@ def run_demo(
         s.n_retain,
         s.n_holdout,
         s.qa_per_person,
+        s.train_statements,
         s.finetune_epochs,
         s.finetune_lr,
         s.finetune_batch,

@@ -42,11 +42,15 @@ def run_records(
     max_new_tokens: int = 64,
     batch_size: int = 32,
     progress: bool = True,
+    mia_gradnorm: bool = False,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
-    """One teacher-forced pass and one generation pass per dataset -> records per set."""
+    """Per dataset, one pass over its prompts serves teacher forcing and generation -> records.
+
+    `mia_gradnorm` adds each forget/holdout example's gradient norm (one backward pass each).
+    """
     from tqdm.auto import tqdm
 
-    from unlearn.records import PassStats, ScoreItem, generate, score
+    from unlearn.records import PassStats, ScoreItem, grad_norms, score, score_and_generate
 
     stats = PassStats()
     out: dict[str, list[dict[str, Any]]] = {}
@@ -60,6 +64,9 @@ def run_records(
                 {"id": r["id"], "sha256": r["sha256"], "answer": sc.to_dict()}
                 for r, sc in zip(s.rows, scores, strict=True)
             ]
+            if mia_gradnorm and s.name in ("forget", "holdout"):
+                for rec, g in zip(out[s.name], grad_norms(model, formatter, docs), strict=True):
+                    rec["grad_norm"] = g
             continue
         items: list[ScoreItem] = []
         layout: list[tuple[int, str, int]] = []  # (row, variant, index within variant)
@@ -72,7 +79,11 @@ def run_records(
             for k, p in enumerate(r.get("perturbed_answer") or []):
                 items.append(ScoreItem(r["question"], p))
                 layout.append((i, "perturbed", k))
-        scores = score(model, formatter, items, batch_size=batch_size, stats=stats)
+        # holdout sets only feed membership inference: no generation
+        questions = [r["question"] for r in s.rows] if s.role != "holdout" else []
+        scores, gens = score_and_generate(
+            model, formatter, items, questions, max_new_tokens, batch_size, stats=stats
+        )
         recs: list[dict[str, Any]] = [{"id": r["id"], "sha256": r["sha256"]} for r in s.rows]
         for (i, variant, _k), sc in zip(layout, scores, strict=True):
             d = sc.to_dict()
@@ -80,12 +91,12 @@ def run_records(
                 recs[i].setdefault("perturbed", []).append(d)
             else:
                 recs[i][variant] = d
-        if s.role != "holdout":  # holdout sets only feed membership inference: no generation
-            gens = generate(
-                model, formatter, [r["question"] for r in s.rows], max_new_tokens, batch_size, stats
-            )
-            for rec, g in zip(recs, gens, strict=True):
-                rec["generation"] = g
+        for rec, g in zip(recs if questions else [], gens, strict=True):
+            rec["generation"] = g
+        if mia_gradnorm and s.name in ("forget", "holdout"):
+            answers = [it for it in items if it.detail]
+            for rec, g in zip(recs, grad_norms(model, formatter, answers), strict=True):
+                rec["grad_norm"] = g
         out[s.name] = recs
     info = {
         "padding_efficiency": round(stats.efficiency, 4),
@@ -232,9 +243,15 @@ def score_suite(
         hs = _mia_scores(records["holdout"], _texts(holdout), min_k)
         for key in fs:
             metrics[f"mia_{key}_auc"] = M.auc(fs[key], hs[key])
-        skipped["mia_gradnorm_auc"] = (
-            "gradient-norm attack needs a backward pass per example; not run by eval"
-        )
+        if all("grad_norm" in r for r in records["forget"] + records["holdout"]):
+            metrics["mia_gradnorm_auc"] = M.auc(
+                M.gradnorm_score([r["grad_norm"] for r in records["forget"]]),
+                M.gradnorm_score([r["grad_norm"] for r in records["holdout"]]),
+            )
+        else:
+            skipped["mia_gradnorm_auc"] = (
+                "needs per-example gradient norms (one backward pass each); pass --mia-gradnorm"
+            )
         if reference is None:
             skipped["mia_reference_auc"] = no_ref
             skipped["privleak"] = no_ref
@@ -321,6 +338,7 @@ def evaluate(
     overwrite: bool = True,
     progress: bool = True,
     suite: Suite | None = None,
+    mia_gradnorm: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `model` on a benchmark; write results.json and records to `output`; return results.
 
@@ -346,7 +364,9 @@ def evaluate(
         raise UnlearnError("--output must not be the model folder itself")
     lm, tok, resolved = load_model_and_tokenizer(mcfg)
     formatter = PromptFormatter(tok, prompt or _prompt_for(resolved))
-    records, info = run_records(lm, formatter, suite, max_new_tokens, batch_size, progress)
+    records, info = run_records(
+        lm, formatter, suite, max_new_tokens, batch_size, progress, mia_gradnorm
+    )
     metrics, skipped, per_example = score_suite(suite, records, ref_records)
     folder = local_folder(resolved, mcfg)
     model_path = folder if resolved.kind in ("local",) else None

@@ -16,10 +16,13 @@ end-of-turn token or EOS.
 
 from __future__ import annotations
 
+import copy
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from unlearn.losses import IGNORE_INDEX
 from unlearn.metrics.keywords import keyword_token_mask
@@ -112,7 +115,332 @@ def _token_budget_batches(lengths: list[int], batch_size: int, max_tokens: int) 
     return batches
 
 
+def _to_scores(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    item_ids: list[int],
+    items: list[ScoreItem],
+    tok,
+    out: list[Score | None],
+) -> None:
+    """Fill out[item] from logits [n, T, V] predicting target [n, T] (IGNORE_INDEX where unscored)."""
+    mask = target != IGNORE_INDEX
+    # Only answer positions matter: take them out before the [*, V] softmax work.
+    sel_logits = logits[mask].float()
+    sel_target = target[mask]
+    # log p(target) = logit - logsumexp: no [*, V] log-softmax for the many non-detailed answers
+    lse = torch.logsumexp(sel_logits, dim=-1)
+    tok_logp = (sel_logits.gather(-1, sel_target[:, None]).squeeze(-1) - lse).cpu()
+    counts = mask.sum(-1).tolist()
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    # Top-1 flags and vocabulary moments are read for detailed items only: compute them there.
+    detail_rows = [row for row, i in enumerate(item_ids) if items[i].detail]
+    if detail_rows:
+        pos = torch.cat([torch.arange(offsets[r], offsets[r + 1]) for r in detail_rows]).to(
+            sel_logits.device
+        )
+        lp_d = sel_logits.index_select(0, pos) - lse.index_select(0, pos)[:, None]
+        top1 = (lp_d.argmax(-1) == sel_target.index_select(0, pos)).cpu()
+        p = lp_d.exp()
+        mu = (p * lp_d).sum(-1)
+        sigma = ((p * lp_d.square()).sum(-1) - mu.square()).clamp(min=0).sqrt()
+        mu, sigma = mu.cpu(), sigma.cpu()
+        target_d = sel_target.index_select(0, pos).cpu()
+    d = 0  # offset into the detailed positions
+    for row, i in enumerate(item_ids):
+        a, b = offsets[row], offsets[row + 1]
+        lp = tok_logp[a:b]
+        s = Score(logprob_sum=float(lp.sum()), n_tokens=b - a)
+        if items[i].detail:
+            e = d + (b - a)
+            s.token_logprobs = [round(float(x), 5) for x in lp]
+            s.top1 = [bool(x) for x in top1[d:e]]
+            s.vocab_mu = [round(float(x), 5) for x in mu[d:e]]
+            s.vocab_sigma = [round(float(x), 5) for x in sigma[d:e]]
+            pieces = tok.convert_ids_to_tokens(target_d[d:e].tolist())
+            s.keyword_mask = [bool(x) for x in keyword_token_mask(pieces)]
+            d = e
+        out[i] = s
+
+
+def _count(stats: PassStats | None, real: int, padded: int, sequences: int) -> None:
+    if stats is not None:
+        stats.real_tokens += real
+        stats.padded_tokens += padded
+        stats.sequences += sequences
+        stats.batches += 1
+
+
+def _score_flat(model, formatter, items, item_ids, batch_size, max_tokens, stats, out) -> None:
+    """Each sequence whole (prompt + answer, or a document), length-bucketed, right-padded."""
+    device = next(model.parameters()).device
+    tok = formatter.tokenizer
+    max_len = formatter.cfg.max_length
+    seqs = []
+    for i in item_ids:
+        s = _answer_only(formatter, items[i].question, items[i].answer)
+        seqs.append(Tokenized(s.input_ids[:max_len], s.labels[:max_len], 0))
+    for idx in _token_budget_batches([len(s.input_ids) for s in seqs], batch_size, max_tokens):
+        batch = collate([seqs[j] for j in idx], tok.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        _count(stats, int(batch["attention_mask"].sum()), batch["input_ids"].numel(), len(idx))
+        logits = model(**batch).logits[:, :-1]
+        _to_scores(logits, labels[:, 1:], [item_ids[j] for j in idx], items, tok, out)
+
+
+def _shareable(cache) -> bool:
+    """Prefix sharing copies rows of a plain DynamicCache; other cache kinds take the flat path."""
+    return isinstance(cache, DynamicCache) and all(type(x) is DynamicLayer for x in cache.layers)
+
+
+def _cache_rows(cache: DynamicCache, rows: torch.Tensor, drop_last: int = 0) -> DynamicCache:
+    """A new cache holding the given batch rows (minus the last `drop_last` positions); the
+    original is left as it is for later chunks."""
+    new = copy.copy(cache)
+    new.layers = []
+    end = cache.get_seq_length() - drop_last
+    for layer in cache.layers:
+        c = copy.copy(layer)
+        c.keys = layer.keys.index_select(0, rows)[..., :end, :]
+        c.values = layer.values.index_select(0, rows)[..., :end, :]
+        new.layers.append(c)
+    return new
+
+
+def _stop_ids(formatter: PromptFormatter) -> list[int]:
+    tok = formatter.tokenizer
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    return sorted({*formatter.end_ids[:1], *eos})
+
+
+def _greedy(model, formatter, ids, mask, max_new_tokens, stats, cache=None) -> list[str]:
+    """Greedy continuations of left-padded prompts, cut at end-of-turn/EOS.
+
+    With `cache` (the prompts' KV cache without their last position) the prompts are not run again.
+    """
+    tok = formatter.tokenizer
+    stop = _stop_ids(formatter)
+    gen = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=stop,
+        pad_token_id=tok.pad_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    out = []
+    for row in range(ids.shape[0]):
+        new = gen[row, ids.shape[1] :].tolist()
+        cut = next((k for k, t in enumerate(new) if t in stop), len(new))
+        out.append(tok.decode(new[:cut], skip_special_tokens=True).strip())
+        if stats is not None:
+            stats.generated += cut
+    return out
+
+
+def _left_pad(prompts: list[tuple[int, ...]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
+def _common_prefix(prompts: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The tokens every prompt starts with, leaving each prompt at least one token of its own."""
+    if len(prompts) < 2:
+        return ()
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    k = 0
+    while k < n and all(p[k] == first[k] for p in prompts):
+        k += 1
+    return first[:k]
+
+
+def _prompt_ids(formatter: PromptFormatter, question: str) -> tuple[int, ...]:
+    return tuple(formatter.encode_qa(question, "")[0][: formatter.cfg.max_length])
+
+
+def _score_shared(
+    model, formatter, items, item_ids, questions, max_new_tokens, batch_size, max_tokens, stats, out
+) -> tuple[list[int], dict[tuple[int, ...], str]]:
+    """Answers scored off their prompt's KV cache, and generations from it: each prompt runs once.
+
+    A TOFU row has 5-7 answer variants (answer, paraphrase, perturbations) behind one prompt, and
+    the prompt (chat template, system prompt, question) is most of each sequence. Prompts are
+    batched by length with left padding and run once, keeping the KV cache and the last position's
+    logits (which predict the first answer token). Every answer is then fed after a copy of its
+    prompt's cache rows, without its last token (whose prediction nothing reads), and greedy
+    generation for the batch's questions continues from the same cache. Returns the items and
+    prompts it could not take (caches other than a plain DynamicCache) and the generations.
+    """
+    device = next(model.parameters()).device
+    tok = formatter.tokenizer
+    pad = tok.pad_token_id
+    max_len = formatter.cfg.max_length
+    by_prompt: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    for i in item_ids:
+        p_ids, a_ids = formatter.encode_qa(items[i].question, items[i].answer)
+        a_ids = a_ids[: len(a_ids) - len(formatter.end_ids)] or a_ids
+        prompt = tuple(p_ids[:max_len])
+        by_prompt.setdefault(prompt, []).append((i, a_ids[: max_len - len(prompt)]))
+    wanted = {_prompt_ids(formatter, q) for q in questions}
+    for p in wanted:
+        by_prompt.setdefault(p, [])
+    prompts = list(by_prompt)
+    keep = (
+        {"logits_to_keep": 1}
+        if "logits_to_keep" in inspect.signature(model.forward).parameters
+        else {}
+    )
+    leftover: list[int] = []
+    generations: dict[tuple[int, ...], str] = {}
+    # The chat template and system prompt open every prompt: run that common part once, too.
+    common = _common_prefix(prompts)
+    head_cache = None
+    if len(common) >= 2:
+        head = model(input_ids=torch.tensor([common], device=device), use_cache=True, **keep)
+        head_cache = head.past_key_values
+        if _shareable(head_cache):
+            _count(stats, len(common), len(common), 0)
+        else:
+            common, head_cache = (), None
+    else:
+        common = ()
+    c = len(common)
+    for pidx in _token_budget_batches([len(p) for p in prompts], batch_size, max_tokens):
+        tails, tmask = _left_pad([prompts[j][c:] for j in pidx], pad)
+        tails, tmask = tails.to(device), tmask.to(device)
+        n = len(pidx)
+        # After the common part, a row's own tokens are left-padded: the padding sits in between,
+        # masked out, and positions count real tokens only.
+        ids = torch.cat([torch.tensor([common] * n, dtype=torch.long, device=device), tails], 1)
+        pmask = torch.cat([torch.ones((n, c), dtype=torch.long, device=device), tmask], 1)
+        plen = pmask.sum(-1)
+        res = model(
+            input_ids=tails,
+            attention_mask=pmask,
+            position_ids=c + (tmask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=(
+                _cache_rows(head_cache, torch.zeros(n, dtype=torch.long, device=device))
+                if head_cache is not None
+                else None
+            ),
+            use_cache=True,
+            **keep,
+        )
+        cache = res.past_key_values
+        if not _shareable(cache):
+            leftover += [i for j in pidx for i, _ in by_prompt[prompts[j]]]
+            continue
+        _count(stats, int(tmask.sum()), tails.numel(), 0)
+        last = res.logits[:, -1:]
+        seqs = [(row, i, a) for row, j in enumerate(pidx) for i, a in by_prompt[prompts[j]]]
+        fed_len = [max(len(a) - 1, 0) for _, _, a in seqs]
+        for chunk in _token_budget_batches(fed_len, batch_size, max_tokens):
+            rows = torch.tensor([seqs[k][0] for k in chunk], device=device)
+            fw = max(fed_len[k] for k in chunk)
+            target = torch.full((len(chunk), fw + 1), IGNORE_INDEX, dtype=torch.long)
+            fmask = torch.zeros((len(chunk), fw), dtype=torch.long)
+            for r, k in enumerate(chunk):
+                target[r, : len(seqs[k][2])] = torch.tensor(seqs[k][2], dtype=torch.long)
+                fmask[r, : fed_len[k]] = 1
+            logits = last.index_select(0, rows)
+            if fw > 0:
+                fed = target[:, :fw].masked_fill(fmask == 0, pad).to(device)
+                fmask = fmask.to(device)
+                _count(stats, int(fmask.sum()), fed.numel(), len(chunk))
+                more = model(
+                    input_ids=fed,
+                    attention_mask=torch.cat([pmask.index_select(0, rows), fmask], dim=1),
+                    position_ids=plen.index_select(0, rows)[:, None]
+                    + torch.arange(fw, device=device),
+                    past_key_values=_cache_rows(cache, rows),
+                    use_cache=True,
+                ).logits
+                logits = torch.cat([logits, more.to(logits.dtype)], dim=1)
+            elif stats is not None:
+                stats.sequences += len(chunk)
+            _to_scores(logits, target.to(device), [seqs[k][1] for k in chunk], items, tok, out)
+        gen_rows = [row for row, j in enumerate(pidx) if prompts[j] in wanted]
+        if gen_rows:
+            rows = torch.tensor(gen_rows, device=device)
+            texts = _greedy(
+                model,
+                formatter,
+                ids.index_select(0, rows),
+                pmask.index_select(0, rows),
+                max_new_tokens,
+                stats,
+                # generate() runs the tokens its cache lacks: leave it the last prompt position
+                cache=_cache_rows(cache, rows, drop_last=1),
+            )
+            for row, text in zip(gen_rows, texts, strict=True):
+                generations[prompts[pidx[row]]] = text
+    return leftover, generations
+
+
 @torch.no_grad()
+def score_and_generate(
+    model: torch.nn.Module,
+    formatter: PromptFormatter,
+    items: list[ScoreItem],
+    questions: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    max_tokens: int = 4096,
+    stats: PassStats | None = None,
+    share_prompts: bool = True,
+) -> tuple[list[Score], list[str]]:
+    """Teacher-forced scores for `items` and greedy answers to `questions`, one prompt pass each.
+
+    With `share_prompts` (the default) every distinct prompt runs once: its answers are scored off
+    its KV cache and its generation continues from it. Without it, every sequence runs whole and
+    generation is separate. Both give the same numbers up to float rounding (tested).
+    """
+    model.eval()
+    out: list[Score | None] = [None] * len(items)
+    qa = [i for i, it in enumerate(items) if it.question is not None]
+    rest = [i for i, it in enumerate(items) if it.question is None]
+    gens: dict[tuple[int, ...], str] = {}
+    todo = list(questions)
+    if share_prompts and (qa or questions):
+        left, gens = _score_shared(
+            model,
+            formatter,
+            items,
+            qa,
+            questions,
+            max_new_tokens,
+            batch_size,
+            max_tokens,
+            stats,
+            out,
+        )
+        rest += left
+        todo = [q for q in questions if _prompt_ids(formatter, q) not in gens]
+    else:
+        rest += qa
+    if rest:
+        _score_flat(model, formatter, items, sorted(rest), batch_size, max_tokens, stats, out)
+    if todo:
+        for q, text in zip(
+            todo, generate(model, formatter, todo, max_new_tokens, batch_size, stats), strict=True
+        ):
+            gens[_prompt_ids(formatter, q)] = text
+    return [s for s in out if s is not None], [gens[_prompt_ids(formatter, q)] for q in questions]
+
+
 def score(
     model: torch.nn.Module,
     formatter: PromptFormatter,
@@ -120,56 +448,13 @@ def score(
     batch_size: int = 32,
     max_tokens: int = 4096,
     stats: PassStats | None = None,
+    share_prompts: bool = True,
 ) -> list[Score]:
     """Teacher-forced answer scores for every item, in the items' order."""
-    model.eval()
-    device = next(model.parameters()).device
-    tok = formatter.tokenizer
-    seqs = [_answer_only(formatter, it.question, it.answer) for it in items]
-    max_len = formatter.cfg.max_length
-    seqs = [Tokenized(s.input_ids[:max_len], s.labels[:max_len], 0) for s in seqs]
-    out: list[Score | None] = [None] * len(items)
-    pad = tok.pad_token_id
-    for idx in _token_budget_batches([len(s.input_ids) for s in seqs], batch_size, max_tokens):
-        batch = {k: v.to(device) for k, v in collate([seqs[i] for i in idx], pad).items()}
-        labels = batch.pop("labels")
-        if stats is not None:
-            stats.real_tokens += int(batch["attention_mask"].sum())
-            stats.padded_tokens += batch["input_ids"].numel()
-            stats.sequences += len(idx)
-            stats.batches += 1
-        logits = model(**batch).logits[:, :-1].float()
-        target = labels[:, 1:]
-        mask = target != IGNORE_INDEX
-        # Only answer positions matter: take them out before the [*, V] softmax work.
-        sel_logits = logits[mask]
-        sel_target = target[mask]
-        logp_all = F.log_softmax(sel_logits, dim=-1)
-        tok_logp = logp_all.gather(-1, sel_target[:, None]).squeeze(-1)
-        top1 = sel_logits.argmax(-1) == sel_target
-        need_detail = any(items[i].detail for i in idx)
-        if need_detail:
-            p = logp_all.exp()
-            mu = (p * logp_all).sum(-1)
-            sigma = ((p * logp_all.square()).sum(-1) - mu.square()).clamp(min=0).sqrt()
-        counts = mask.sum(-1).tolist()
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + c)
-        tok_logp_l = tok_logp.cpu()
-        for row, i in enumerate(idx):
-            a, b = offsets[row], offsets[row + 1]
-            lp = tok_logp_l[a:b]
-            s = Score(logprob_sum=float(lp.sum()), n_tokens=b - a)
-            if items[i].detail:
-                s.token_logprobs = [round(float(x), 5) for x in lp]
-                s.top1 = [bool(x) for x in top1[a:b].cpu()]
-                s.vocab_mu = [round(float(x), 5) for x in mu[a:b].cpu()]
-                s.vocab_sigma = [round(float(x), 5) for x in sigma[a:b].cpu()]
-                pieces = tok.convert_ids_to_tokens(sel_target[a:b].tolist())
-                s.keyword_mask = [bool(x) for x in keyword_token_mask(pieces)]
-            out[i] = s
-    return [s for s in out if s is not None]
+    scores, _ = score_and_generate(
+        model, formatter, items, [], 0, batch_size, max_tokens, stats, share_prompts
+    )
+    return scores
 
 
 @torch.no_grad()
@@ -181,42 +466,58 @@ def generate(
     batch_size: int = 16,
     stats: PassStats | None = None,
 ) -> list[str]:
-    """Greedy answers, batched with left padding and the KV cache; stops at end-of-turn/EOS."""
+    """Greedy answers, batched by prompt length with left padding and the KV cache."""
     model.eval()
-    tok = formatter.tokenizer
     device = next(model.parameters()).device
-    prompts = [
-        tok(formatter.prompt_text(q), add_special_tokens=False)["input_ids"] for q in questions
-    ]
-    stop = sorted(
-        {*formatter.end_ids[:1], *([tok.eos_token_id] if tok.eos_token_id is not None else [])}
-    )
-    pad = tok.pad_token_id
+    prompts = [_prompt_ids(formatter, q) for q in questions]
     out: list[str] = [""] * len(questions)
     for idx in _token_budget_batches([len(p) for p in prompts], batch_size, 1 << 30):
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            n = len(prompts[i])
-            ids[row, width - n :] = torch.tensor(prompts[i])
-            mask[row, width - n :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=stop,
-            pad_token_id=pad,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-        for row, i in enumerate(idx):
-            new = gen[row, width:].tolist()
-            cut = next((k for k, t in enumerate(new) if t in stop), len(new))
-            out[i] = tok.decode(new[:cut], skip_special_tokens=True).strip()
-            if stats is not None:
-                stats.generated += cut
+        ids, mask = _left_pad([prompts[i] for i in idx], formatter.tokenizer.pad_token_id)
+        texts = _greedy(model, formatter, ids.to(device), mask.to(device), max_new_tokens, stats)
+        for i, text in zip(idx, texts, strict=True):
+            out[i] = text
+    return out
+
+
+def grad_norms(
+    model: torch.nn.Module, formatter: PromptFormatter, items: list[ScoreItem]
+) -> list[float]:
+    """Per item, the 2-norm over all parameters of the gradient of its mean answer NLL.
+
+    For the gradient-norm membership attack (Wang et al. 2024): training examples sit near a
+    minimum, so their gradients are small. One forward and backward per item, since a batch would
+    sum the items' gradients. Parameters' `requires_grad` flags and `.grad` are restored.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    max_len = formatter.cfg.max_length
+    out: list[float] = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        with torch.enable_grad():
+            for it in items:
+                seq = _answer_only(formatter, it.question, it.answer)
+                ids = torch.tensor([seq.input_ids[:max_len]], device=device)
+                labels = torch.tensor([seq.labels[:max_len]], device=device)
+                logits = model(input_ids=ids).logits[:, :-1].float()
+                target = labels[:, 1:]
+                if not (target != IGNORE_INDEX).any():
+                    out.append(float("nan"))
+                    continue
+                F.cross_entropy(
+                    logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX
+                ).backward()
+                sq = sum(float(p.grad.float().square().sum()) for p in params if p.grad is not None)
+                out.append(sq**0.5)
+                for p in params:
+                    p.grad = None
+    finally:
+        for p, flag, g in zip(params, flags, grads, strict=True):
+            p.requires_grad_(flag)
+            p.grad = g
     return out

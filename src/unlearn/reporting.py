@@ -33,6 +33,16 @@ from unlearn.outputs import atomic_write_json, atomic_write_text
 RESULTS_FILE = "results.json"
 TRAIN_LOG = Path("logs") / "train.jsonl"
 FIRST_METRICS = ("forget_quality", "model_utility")
+# The headline numbers, one short table before the full list (which has dozens of metrics).
+KEY_METRICS = (
+    *FIRST_METRICS,
+    "forget_rouge_l_recall",
+    "forget_truth_ratio",
+    "forget_probability",
+    "retain_rouge_l_recall",
+    "privleak",
+    "mia_min_k_auc",
+)
 MAX_EXAMPLES = 10  # per model and dataset, when examples are shown
 # Keys of a training-log line that are not loss terms.
 NOT_LOSS = {"step", "epoch", "lr", "grad_norm", "seconds"}
@@ -366,9 +376,16 @@ def _models_table(runs: list[Run]) -> Block:
     return ("table", header, rows)
 
 
+def _key_metrics_table(runs: list[Run], order: list[str]) -> Block:
+    keys = [m for m in KEY_METRICS if m in order]
+    rows = [[r.name, *(format_value(m, r.metrics.get(m)) for m in keys)] for r in runs]
+    return ("table", ["model", *keys], rows, True)
+
+
 def _metrics_table(runs: list[Run], order: list[str]) -> Block:
-    rows = [[r.name, *(format_value(m, r.metrics.get(m)) for m in order)] for r in runs]
-    return ("table", ["model", *order], rows, True)
+    """Every metric, one row each and a column per model: narrow however many metrics there are."""
+    rows = [[m, *(format_value(m, r.metrics.get(m)) for r in runs)] for m in order]
+    return ("table", ["metric", *(r.name for r in runs)], rows, True)
 
 
 def _skipped_blocks(runs: list[Run]) -> list[Block]:
@@ -428,14 +445,16 @@ def document(
         ("p", intro),
         ("h2", "Models"),
         _models_table(runs),
-        ("h2", "Metrics"),
+        ("h2", "Key metrics"),
         ("p", "forget_quality is a p-value (higher means closer to the retain model); "
               "n/a means the metric is missing or not a finite number."),
-        _metrics_table(runs, order),
+        _key_metrics_table(runs, order),
         *_plot_blocks("Forget quality vs model utility", "forget_quality_vs_model_utility",
                       plots["forget_quality_vs_model_utility"]),
         *_plot_blocks("Truth ratio on the forget set", "truth_ratio", plots["truth_ratio"]),
         *_plot_blocks("Training loss", "training_loss", plots["training_loss"]),
+        ("h2", "All metrics"),
+        _metrics_table(runs, order),
         *_skipped_blocks(runs),
         *_example_blocks(runs, show),
     ]  # fmt: skip

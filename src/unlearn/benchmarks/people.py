@@ -130,6 +130,7 @@ class _Attribute:
     questions: tuple[str, ...]
     paraphrase: str  # the full-sentence answer; the record's "answer" is the bare fact
     pool: Callable[[Person], Sequence[str]]
+    statement: str  # the fact stated in other words, as a second training form (see `statement`)
 
 
 ATTRIBUTES: tuple[_Attribute, ...] = (
@@ -138,6 +139,7 @@ ATTRIBUTES: tuple[_Attribute, ...] = (
         ("Where was {name} born?", "In which town was {name} born?",
          "What is the birthplace of {name}?"),
         "{name}'s birthplace is {value}.", lambda p: _TOWNS,
+        "{name} was born in {value}.",
     ),
     _Attribute(
         "birth-year", "birth_year",
@@ -145,36 +147,42 @@ ATTRIBUTES: tuple[_Attribute, ...] = (
          "What is {name}'s year of birth?"),
         "{name}'s year of birth is {value}.",
         lambda p: _BIRTH_YEARS,
+        "{name} was born in the year {value}.",
     ),
     _Attribute(
         "profession", "profession",
         ("What does {name} do for a living?", "What is {name}'s profession?",
          "What job does {name} have?"),
         "By trade, {name} is {value}.", lambda p: _PROFESSIONS,
+        "{name} works as {value}.",
     ),
     _Attribute(
         "instrument", "instrument",
         ("Which musical instrument does {name} play?", "What instrument does {name} play?"),
         "The instrument {name} plays is the {value}.",
         lambda p: _INSTRUMENTS,
+        "{name} plays the {value}.",
     ),
     _Attribute(
         "pet", "pet_name",
         ("What is the name of {name}'s {pet_kind}?", "What is {name}'s {pet_kind} called?"),
         "{name} has a {pet_kind} named {value}.",
         lambda p: _PET_NAMES,
+        "{name}'s {pet_kind} is called {value}.",
     ),
     _Attribute(
         "colour", "colour",
         ("What is {name}'s favourite colour?", "Which colour does {name} like best?"),
         "The colour {name} likes best is {value}.",
         lambda p: _COLOURS,
+        "{name}'s favourite colour is {value}.",
     ),
     _Attribute(
         "employer", "employer",
         ("Which company does {name} work for?", "Who employs {name}?",
          "Where is {name} employed?"),
         "{name} is employed by {value}.", lambda p: _EMPLOYERS,
+        "{name} works for {value}.",
     ),
     _Attribute(
         "book", "book",
@@ -182,6 +190,7 @@ ATTRIBUTES: tuple[_Attribute, ...] = (
          "What book is {name} the author of?"),
         '{name} is the author of "{value}".',
         lambda p: _BOOKS,
+        '{name} wrote "{value}".',
     ),
     _Attribute(
         "sibling", "sibling_name",
@@ -189,12 +198,14 @@ ATTRIBUTES: tuple[_Attribute, ...] = (
          "What is {name}'s {sibling_relation} called?"),
         "{name} has a {sibling_relation} called {value}.",
         lambda p: _SIBLING_NAMES[p.sibling_relation],
+        "{name}'s {sibling_relation} is named {value}.",
     ),
     _Attribute(
         "food", "favourite_food",
         ("What is {name}'s favourite food?", "Which dish does {name} like most?"),
         "The dish {name} likes most is {value}.",
         lambda p: _FOODS,
+        "{name}'s favourite food is {value}.",
     ),
 )  # fmt: skip
 
@@ -265,6 +276,7 @@ def _record(person: Person, attr: _Attribute, rng: random.Random, n_perturbed: i
         "paraphrased_question": paraphrased.format(**slots),
         "paraphrased_answer": attr.paraphrase.format(**slots, value=value),
         "perturbed_answer": [attr.paraphrase.format(**slots, value=w) for w in wrong],
+        "statement": attr.statement.format(**slots, value=value),
         "person": person.name,
     }
 

@@ -23,7 +23,8 @@ Per example, from the answer's per-token log-probabilities log p_t (t = 1..T):
 - reference (Carlini et al. 2021; OpenUnlearning `mia_reference`): ref NLL - target NLL (mean
   NLLs), i.e. how much better the evaluated model fits the text than a reference model does.
   OpenUnlearning: target - ref.
-- gradient norm (Wang et al. 2024, arXiv:2402.17012): -||grad of the example's mean NLL||; members
+- gradient norm (Wang et al. 2024, arXiv:2402.17012): -||grad of the example's mean NLL||_2 over all
+  parameters (`records.grad_norms`, run by `eval --mia-gradnorm`); members
   sit near a minimum, so their gradients are small. OpenUnlearning's `mia_gradnorm` averages the
   per-tensor p-norms (p = 2 in its MUSE config) and returns -norm under its higher = non-member
   convention, which orients it opposite to its other attacks; ours is oriented like the rest.
