@@ -111,19 +111,39 @@ def _items() -> list[ScoreItem]:
     ]
 
 
-@pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "flat"])
-def test_score_matches_unbatched_hand_loop(tiny, share):
+MODES = {  # how `score` may run the model; every mode must give the hand loop's numbers
+    "trees": {},
+    "shared-prompts": {"tree_answers": False},
+    "flat": {"share_prompts": False},
+    "trees-eager": {"eager": True},
+}
+
+
+@pytest.fixture
+def mode_model(tiny, request):
+    """(model, formatter, score kwargs) for a mode; eager attention takes a float 4D mask."""
     model, formatter = tiny
+    kwargs = dict(MODES[request.param])
+    if kwargs.pop("eager", False):
+        model.set_attn_implementation("eager")
+    yield model, formatter, kwargs
+    model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("mode_model", list(MODES), indirect=True)
+def test_score_matches_unbatched_hand_loop(mode_model, request):
+    model, formatter, kwargs = mode_model
+    mode = request.node.callspec.id
     items = _items()
     stats = PassStats()
     # batch_size=2: several length buckets, each padded; results must not depend on it.
-    scores = score(model, formatter, items, batch_size=2, stats=stats, share_prompts=share)
+    scores = score(model, formatter, items, batch_size=2, stats=stats, **kwargs)
     assert len(scores) == len(items)
     assert stats.sequences == len(items)
     # flat: 6 sequences in 3 batches of 2. shared: the prompts' common start (chat template) once,
     # the 3 distinct prompts in 2 batches of <= 2, their 3 + 2 answers in chunks of <= 2 (2 + 1),
-    # and the document in a flat batch of its own.
-    assert stats.batches == (7 if share else 3)
+    # and the document in a flat batch of its own. trees: one tree chunk per prompt batch.
+    assert stats.batches == {"flat": 3, "shared-prompts": 7}.get(mode, 6)
     lengths = set()
     for item, s in zip(items, scores, strict=True):
         target, logp, _ = _hand_score(model, formatter, item)
@@ -134,17 +154,17 @@ def test_score_matches_unbatched_hand_loop(tiny, share):
     assert len(lengths) >= 4  # really different lengths were batched together
     # the same numbers in one big batch and one sequence per batch
     for bs in (1, 64):
-        again = score(model, formatter, items, batch_size=bs, share_prompts=share)
+        again = score(model, formatter, items, batch_size=bs, **kwargs)
         for a, b in zip(scores, again, strict=True):
             assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
             assert a.n_tokens == b.n_tokens
 
 
-@pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "flat"])
-def test_score_token_level_fields_only_for_detail_items(tiny, share):
-    model, formatter = tiny
+@pytest.mark.parametrize("mode_model", list(MODES), indirect=True)
+def test_score_token_level_fields_only_for_detail_items(mode_model):
+    model, formatter, kwargs = mode_model
     items = _items()
-    scores = score(model, formatter, items, batch_size=3, share_prompts=share)
+    scores = score(model, formatter, items, batch_size=3, **kwargs)
     for item, s in zip(items, scores, strict=True):
         d = s.to_dict()
         if not item.detail:
@@ -230,6 +250,18 @@ def test_shared_prompts_run_each_prompt_once(tiny):
     assert shared.real_tokens < flat.real_tokens / 2
 
 
+def test_batches_closed_before_padding_takes_over():
+    from unlearn.records import _token_budget_batches
+
+    sizes = [300, 100, 310, 110]
+    assert _token_budget_batches(sizes, 16, 4096) == [[1, 3, 0, 2]]  # 59% real tokens
+    assert _token_budget_batches(sizes, 16, 4096, 0.9, 150) == [[1, 3], [0, 2]]
+    # below min_tokens a batch is never closed for padding alone
+    assert _token_budget_batches(sizes, 16, 4096, 0.9, 10_000) == [[1, 3, 0, 2]]
+    assert _token_budget_batches(sizes, 3, 4096) == [[1, 3, 0], [2]]
+    assert _token_budget_batches(sizes, 16, 620) == [[1, 3], [0, 2]]
+
+
 # ---------------------------------------------------------------------------- records.generate
 def test_generate_is_deterministic_and_independent_of_batch(tiny):
     model, formatter = tiny
@@ -246,6 +278,38 @@ def test_generate_is_deterministic_and_independent_of_batch(tiny):
     assert alone == together
     # order of the questions does not matter either
     assert generate(model, formatter, QUESTIONS[::-1], max_new_tokens=6) == together[::-1]
+
+
+@pytest.mark.parametrize("mode_model", ["trees", "trees-eager"], indirect=True)
+def test_answers_sharing_their_start_are_fed_once(mode_model):
+    """A prompt's answers become one prefix tree: shared beginnings run once, numbers unchanged."""
+    model, formatter, kwargs = mode_model
+    answers = [
+        "The capital is Paris.",
+        "The capital is Rome.",
+        "The capital is",  # a prefix of the others
+        "The capital city is Lyon.",
+        "Paris.",
+    ]
+    items = [ScoreItem(q, a, detail=(k == 0)) for q in QUESTIONS for k, a in enumerate(answers)]
+    tree_stats, flat_stats = PassStats(), PassStats()
+    trees = score(model, formatter, items, batch_size=2, stats=tree_stats, **kwargs)
+    flat = score(model, formatter, items, batch_size=2, stats=flat_stats, share_prompts=False)
+    for a, b in zip(flat, trees, strict=True):
+        assert a.n_tokens == b.n_tokens
+        assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4)
+        assert a.top1 == b.top1 and a.keyword_mask == b.keyword_mask
+        np.testing.assert_allclose(a.vocab_sigma, b.vocab_sigma, atol=1e-4)
+    # fed per prompt: every distinct proper prefix of the answers' tokens, once
+    tok = formatter.tokenizer
+    ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
+    prefixes = {tuple(t[:k]) for t in ids for k in range(1, len(t))}
+    assert len(prefixes) < sum(len(t) - 1 for t in ids)  # the answers do share beginnings
+    prompts = [formatter.encode_qa(q, "x")[0] for q in QUESTIONS]
+    common = next(k for k in range(99) if len({tuple(p[: k + 1]) for p in prompts}) > 1)
+    prompt_tokens = common + sum(len(p) - common for p in prompts)
+    assert tree_stats.real_tokens == prompt_tokens + len(QUESTIONS) * len(prefixes)
 
 
 def test_generation_off_the_scoring_prompt_pass_matches_generate(tiny):

@@ -102,6 +102,7 @@ def run_records(
         "padding_efficiency": round(stats.efficiency, 4),
         "scored_sequences": stats.sequences,
         "forward_batches": stats.batches,
+        "forward_tokens": stats.padded_tokens,
         "generated_tokens": stats.generated,
     }
     return out, info

@@ -4,14 +4,16 @@ Every metric in `unlearn.metrics` is a pure function of what this module records
 run once per dataset however many metrics are asked for, and saved records can be re-scored (or
 used as another model's reference) without running anything again.
 
-Teacher forcing: all (example, variant) sequences of a dataset -- the answer, the paraphrased
-answer, each perturbed answer -- are sorted by length and batched so that little compute goes to
-padding. Per sequence we keep the summed answer log-probability and the answer length; for the
-main answer also per-token log-probabilities, top-1 match flags, the mean and std of the
-vocabulary log-probabilities at each position (Min-K%++), and which tokens belong to key words.
+Teacher forcing: a dataset's (example, variant) sequences -- the answer, the paraphrased answer,
+each perturbed answer -- mostly repeat their prompt, so no token runs twice: the prompts' common
+start runs once, each prompt once (length-bucketed, KV cache kept), and each prompt's answers as
+one prefix tree off that cache (`_score_trees`; docs/eval_speed.md). Per sequence we keep the summed
+answer log-probability and the answer length; for the main answer also per-token
+log-probabilities, top-1 match flags, the mean and std of the vocabulary log-probabilities at each
+position (Min-K%++), and which tokens belong to key words.
 
-Generation: greedy, batched with left padding and the KV cache, stopping at the template's
-end-of-turn token or EOS.
+Generation: greedy, continuing from the same prompt cache (batched, left padded), stopping at the
+template's end-of-turn token or EOS.
 """
 
 from __future__ import annotations
@@ -99,17 +101,35 @@ def _answer_only(formatter: PromptFormatter, question: str | None, answer: str) 
     return Tokenized(ids, labels, 0)
 
 
-def _token_budget_batches(lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
-    """Indices sorted by length, cut into batches of at most batch_size rows and max_tokens cells."""
+def _token_budget_batches(
+    lengths: list[int],
+    batch_size: int,
+    max_tokens: int,
+    min_efficiency: float = 0.0,
+    min_tokens: int = 0,
+) -> list[list[int]]:
+    """Indices sorted by length, cut into batches of at most batch_size rows and max_tokens cells.
+
+    With `min_efficiency`, a batch that already has `min_tokens` cells is also closed when the next
+    (longer) item would pad it below that share of real tokens: few, wide-spread items (prefix
+    trees of very different sizes) then go into several small batches, not one mostly-padding one.
+    """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for i in order:
         width = max(lengths[i], max((lengths[j] for j in current), default=0))
-        if current and (len(current) >= batch_size or width * (len(current) + 1) > max_tokens):
+        cells = width * (len(current) + 1)
+        if current and (
+            len(current) >= batch_size
+            or cells > max_tokens
+            or (real >= min_tokens and real + lengths[i] < min_efficiency * cells)
+        ):
             batches.append(current)
-            current = []
+            current, real = [], 0
         current.append(i)
+        real += lengths[i]
     if current:
         batches.append(current)
     return batches
@@ -126,12 +146,24 @@ def _to_scores(
     """Fill out[item] from logits [n, T, V] predicting target [n, T] (IGNORE_INDEX where unscored)."""
     mask = target != IGNORE_INDEX
     # Only answer positions matter: take them out before the [*, V] softmax work.
-    sel_logits = logits[mask].float()
-    sel_target = target[mask]
+    _flat_scores(logits[mask], target[mask], mask.sum(-1).tolist(), item_ids, items, tok, out)
+
+
+def _flat_scores(
+    sel_logits: torch.Tensor,
+    sel_target: torch.Tensor,
+    counts: list[int],
+    item_ids: list[int],
+    items: list[ScoreItem],
+    tok,
+    out: list[Score | None],
+) -> None:
+    """Fill out[item] from the logits [N, V] predicting each answer token [N], items one after
+    another (`counts` tokens each)."""
+    sel_logits = sel_logits.float()
     # log p(target) = logit - logsumexp: no [*, V] log-softmax for the many non-detailed answers
     lse = torch.logsumexp(sel_logits, dim=-1)
     tok_logp = (sel_logits.gather(-1, sel_target[:, None]).squeeze(-1) - lse).cpu()
-    counts = mask.sum(-1).tolist()
     offsets = [0]
     for c in counts:
         offsets.append(offsets[-1] + c)
@@ -145,7 +177,8 @@ def _to_scores(
         top1 = (lp_d.argmax(-1) == sel_target.index_select(0, pos)).cpu()
         p = lp_d.exp()
         mu = (p * lp_d).sum(-1)
-        sigma = ((p * lp_d.square()).sum(-1) - mu.square()).clamp(min=0).sqrt()
+        # E[(log p - mu)^2], not E[log p^2] - mu^2: the latter cancels badly in float32
+        sigma = (p * (lp_d - mu[:, None]).square()).sum(-1).sqrt()
         mu, sigma = mu.cpu(), sigma.cpu()
         target_d = sel_target.index_select(0, pos).cpu()
     d = 0  # offset into the detailed positions
@@ -271,8 +304,134 @@ def _prompt_ids(formatter: PromptFormatter, question: str) -> tuple[int, ...]:
     return tuple(formatter.encode_qa(question, "")[0][: formatter.cfg.max_length])
 
 
+def _tree_mask_kind(model) -> str | None:
+    """How a custom 4D attention mask must look for this model, or None if it takes none."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return {"sdpa": "bool", "eager": "float"}.get(impl)
+
+
+def _build_trie(
+    answers: list[list[int]],
+) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+    """The prefixes to feed for a prompt's answers, each once: (token, parent, depth) per node,
+    parent -1 meaning the prompt, and per answer the node whose output predicts each token.
+
+    Token k of an answer is predicted by the node of its first k tokens (the prompt for k = 0), so
+    an answer's last token is never fed unless it starts another answer.
+    """
+    tokens: list[int] = []
+    parents: list[int] = []
+    depths: list[int] = []
+    index: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+    sources: list[list[int]] = []
+    for a in answers:
+        src, node = [-1], -1
+        for k, t in enumerate(a[:-1]):
+            key = (node, t)
+            if key not in index:
+                index[key] = len(tokens)
+                tokens.append(t)
+                parents.append(node)
+                depths.append(k)
+            node = index[key]
+            src.append(node)
+        sources.append(src[: len(a)])
+    return tokens, parents, depths, sources
+
+
+def _score_trees(
+    model, kind, cache, pmask, plen, last, groups, items, batch_size, max_tokens, stats, out, tok
+) -> None:
+    """Score every answer of a prompt batch with one tree per prompt (tree attention).
+
+    A prompt's answers often share their first words (TOFU's perturbed answers rephrase one
+    sentence), so its answers are merged into a prefix tree: each node is fed once, attends to the
+    prompt's cache and to its own ancestors, and sits at position prompt length + depth.
+    `groups[row]` lists (item, answer ids) for prompt row `row` of the batch.
+    """
+    device = pmask.device
+    pad = tok.pad_token_id
+    tries = [_build_trie([a for _, a in g]) for g in groups]
+    sizes = [len(t[0]) for t in tries]
+    width = pmask.shape[1]
+    # Trees differ in size far more than sequences do: keep each chunk >= 90% real tokens.
+    for chunk in _token_budget_batches(sizes, batch_size, max_tokens, 0.9, 128):
+        rows = torch.tensor(chunk, device=device)
+        q = max(sizes[r] for r in chunk)
+        item_ids = [i for r in chunk for i, _ in groups[r]]
+        targets = [t for r in chunk for _, a in groups[r] for t in a]
+        counts = [len(a) for r in chunk for _, a in groups[r]]
+        head = last.index_select(0, rows)[:, 0]  # [n, V]: predicts each answer's first token
+        if q == 0:
+            sel = [head[k] for k, r in enumerate(chunk) for _, a in groups[r] for _ in a[:1]]
+            _flat_scores(
+                torch.stack(sel) if sel else head[:0],
+                torch.tensor(targets, device=device),
+                counts,
+                item_ids,
+                items,
+                tok,
+                out,
+            )
+            if stats is not None:
+                stats.sequences += len(item_ids)
+            continue
+        ids = torch.full((len(chunk), q), pad, dtype=torch.long)
+        pos = torch.zeros((len(chunk), q), dtype=torch.long)
+        allowed = torch.zeros((len(chunk), q, width + q), dtype=torch.bool)
+        allowed[:, :, width:] = torch.eye(q, dtype=torch.bool)  # padding attends to itself only
+        for k, r in enumerate(chunk):
+            tokens, parents, depths, _ = tries[r]
+            n = len(tokens)
+            ids[k, :n] = torch.tensor(tokens)
+            pos[k, :n] = int(plen[r]) + torch.tensor(depths)
+            allowed[k, :n, :width] = pmask[r].bool().cpu()
+            for j in range(n):  # a node sees its ancestors: its parent's row plus itself
+                if parents[j] >= 0:
+                    allowed[k, j, width : width + q] |= allowed[k, parents[j], width : width + q]
+        mask4 = allowed[:, None].to(device)
+        if kind == "float":
+            dtype = next(model.parameters()).dtype
+            mask4 = torch.zeros(mask4.shape, dtype=dtype, device=device).masked_fill(
+                ~mask4, torch.finfo(dtype).min
+            )
+        _count(stats, sum(sizes[r] for r in chunk), ids.numel(), len(item_ids))
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask4,
+            position_ids=pos.to(device),
+            past_key_values=_cache_rows(cache, rows),
+            use_cache=True,
+        ).logits
+        # rows of [head; tree outputs] in the order of the answer tokens they predict
+        flat = torch.cat([head, logits.reshape(-1, logits.shape[-1]).to(head.dtype)], 0)
+        index = []
+        for k, r in enumerate(chunk):
+            for src in tries[r][3]:
+                index += [k if s < 0 else len(chunk) + k * q + s for s in src]
+        _flat_scores(
+            flat.index_select(0, torch.tensor(index, device=device)),
+            torch.tensor(targets, device=device),
+            counts,
+            item_ids,
+            items,
+            tok,
+            out,
+        )
+
+
 def _score_shared(
-    model, formatter, items, item_ids, questions, max_new_tokens, batch_size, max_tokens, stats, out
+    model,
+    formatter,
+    items,
+    item_ids,
+    questions,
+    max_new_tokens,
+    batch_size,
+    max_tokens,
+    stats,
+    out,
+    trees: bool = True,
 ) -> tuple[list[int], dict[tuple[int, ...], str]]:
     """Answers scored off their prompt's KV cache, and generations from it: each prompt runs once.
 
@@ -281,7 +440,9 @@ def _score_shared(
     batched by length with left padding and run once, keeping the KV cache and the last position's
     logits (which predict the first answer token). Every answer is then fed after a copy of its
     prompt's cache rows, without its last token (whose prediction nothing reads), and greedy
-    generation for the batch's questions continues from the same cache. Returns the items and
+    generation for the batch's questions continues from the same cache. With `trees` (and an
+    attention implementation that takes a custom mask) a prompt's answers also share their common
+    beginnings, as one prefix tree (`_score_trees`). Returns the items and
     prompts it could not take (caches other than a plain DynamicCache) and the generations.
     """
     device = next(model.parameters()).device
@@ -318,6 +479,7 @@ def _score_shared(
     else:
         common = ()
     c = len(common)
+    tree_kind = _tree_mask_kind(model) if trees else None
     for pidx in _token_budget_batches([len(p) for p in prompts], batch_size, max_tokens):
         tails, tmask = _left_pad([prompts[j][c:] for j in pidx], pad)
         tails, tmask = tails.to(device), tmask.to(device)
@@ -345,7 +507,15 @@ def _score_shared(
             continue
         _count(stats, int(tmask.sum()), tails.numel(), 0)
         last = res.logits[:, -1:]
-        seqs = [(row, i, a) for row, j in enumerate(pidx) for i, a in by_prompt[prompts[j]]]
+        if tree_kind is not None:
+            groups = [by_prompt[prompts[j]] for j in pidx]
+            _score_trees(
+                model, tree_kind, cache, pmask, plen, last, groups, items, batch_size,
+                max_tokens, stats, out, tok,
+            )  # fmt: skip
+        seqs = [] if tree_kind is not None else [
+            (row, i, a) for row, j in enumerate(pidx) for i, a in by_prompt[prompts[j]]
+        ]  # fmt: skip
         fed_len = [max(len(a) - 1, 0) for _, _, a in seqs]
         for chunk in _token_budget_batches(fed_len, batch_size, max_tokens):
             rows = torch.tensor([seqs[k][0] for k in chunk], device=device)
@@ -401,12 +571,15 @@ def score_and_generate(
     max_tokens: int = 4096,
     stats: PassStats | None = None,
     share_prompts: bool = True,
+    tree_answers: bool = True,
 ) -> tuple[list[Score], list[str]]:
     """Teacher-forced scores for `items` and greedy answers to `questions`, one prompt pass each.
 
     With `share_prompts` (the default) every distinct prompt runs once: its answers are scored off
-    its KV cache and its generation continues from it. Without it, every sequence runs whole and
-    generation is separate. Both give the same numbers up to float rounding (tested).
+    its KV cache and its generation continues from it; with `tree_answers` too, the answers to
+    one prompt are fed as a prefix tree, so words they start with in common run once. Without
+    sharing, every sequence runs whole and generation is separate. All give the same numbers up to
+    float rounding (tested).
     """
     model.eval()
     out: list[Score | None] = [None] * len(items)
@@ -426,6 +599,7 @@ def score_and_generate(
             max_tokens,
             stats,
             out,
+            tree_answers,
         )
         rest += left
         todo = [q for q in questions if _prompt_ids(formatter, q) not in gens]
@@ -449,10 +623,11 @@ def score(
     max_tokens: int = 4096,
     stats: PassStats | None = None,
     share_prompts: bool = True,
+    tree_answers: bool = True,
 ) -> list[Score]:
     """Teacher-forced answer scores for every item, in the items' order."""
     scores, _ = score_and_generate(
-        model, formatter, items, [], 0, batch_size, max_tokens, stats, share_prompts
+        model, formatter, items, [], 0, batch_size, max_tokens, stats, share_prompts, tree_answers
     )
     return scores
 
