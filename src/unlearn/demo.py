@@ -34,14 +34,14 @@ class DemoSettings:
     qa_per_person: int = 5
     # Each fact is also trained as a statement under the paraphrased question (see `_training_rows`).
     train_statements: bool = True
-    finetune_epochs: int = 8
+    finetune_epochs: int = 7
     finetune_lr: float = 1e-4  # 3e-4 learned the people faster but broke general knowledge
     finetune_batch: int = 8
     method: str = "npo"
     method_overrides: tuple[str, ...] = ()
     retain_weight: float | None = 5.0  # method.alpha, for methods that have a retain term
-    unlearn_epochs: int = 4
-    unlearn_lr: float = 3e-5
+    unlearn_epochs: int = 3
+    unlearn_lr: float = 2e-5
     unlearn_batch: int = 5
     max_new_tokens: int = 32
     max_length: int = 96
