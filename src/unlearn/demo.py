@@ -41,7 +41,7 @@ class DemoSettings:
     method_overrides: tuple[str, ...] = ()
     retain_weight: float | None = 5.0  # method.alpha, for methods that have a retain term
     unlearn_epochs: int = 3
-    unlearn_lr: float = 2e-5
+    unlearn_lr: float = 1.5e-5
     unlearn_batch: int = 5
     max_new_tokens: int = 32
     max_length: int = 96
