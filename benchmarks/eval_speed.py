@@ -45,7 +45,7 @@ from unlearn.config import ModelConfig, PromptConfig
 from unlearn.evaluation import build_suite, run_records, score_suite
 from unlearn.losses import IGNORE_INDEX
 from unlearn.prompts import PromptFormatter, Tokenized, collate
-from unlearn.records import PassStats
+from unlearn.records import PassStats, _greedy, _left_pad
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
@@ -111,41 +111,18 @@ class Naive:
                 yield logp[row][m], target[row][m]
 
     def generate(self, questions: list[str]) -> list[str]:
-        """Greedy, left-padded, batched in dataset order; same stopping rule as ours."""
+        """Greedy, left-padded, batched in dataset order, the prompt run by generate() itself;
+        the same generation call and stopping rule as ours."""
         self.passes += 1
         t0 = time.perf_counter()
-        tok = self.tok
         prompts = [
-            tok(self.fmt.prompt_text(q), add_special_tokens=False)["input_ids"] for q in questions
+            tuple(self.tok(self.fmt.prompt_text(q), add_special_tokens=False)["input_ids"])
+            for q in questions
         ]
-        stop = sorted(
-            {*self.fmt.end_ids[:1], *([tok.eos_token_id] if tok.eos_token_id is not None else [])}
-        )
         out = []
         for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, p in enumerate(chunk):
-                ids[row, width - len(p) :] = torch.tensor(p)
-                mask[row, width - len(p) :] = 1
-            gen = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                eos_token_id=stop,
-                pad_token_id=tok.pad_token_id,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
-            for row in range(len(chunk)):
-                new = gen[row, width:].tolist()
-                cut = next((k for k, t in enumerate(new) if t in stop), len(new))
-                out.append(tok.decode(new[:cut], skip_special_tokens=True).strip())
+            ids, mask = _left_pad(prompts[start : start + self.batch_size], self.tok.pad_token_id)
+            out += _greedy(self.model, self.fmt, ids, mask, self.max_new_tokens, None)
         self.generate_seconds += time.perf_counter() - t0
         return out
 

@@ -250,6 +250,32 @@ def test_shared_prompts_run_each_prompt_once(tiny):
     assert shared.real_tokens < flat.real_tokens / 2
 
 
+@pytest.mark.parametrize("shareable_calls", [0, 2])
+def test_caches_that_cannot_be_shared_fall_back_to_whole_sequences(
+    tiny, monkeypatch, shareable_calls
+):
+    """A cache kind prefix sharing cannot copy: from then on, every sequence runs whole."""
+    import unlearn.records as R
+
+    model, formatter = tiny
+    calls = []
+
+    def shareable(cache):
+        calls.append(cache)
+        return len(calls) <= shareable_calls  # 2: the common start and the first prompt batch
+
+    items = _items()
+    expected = score(model, formatter, items, batch_size=2, share_prompts=False)
+    expected_gens = generate(model, formatter, QUESTIONS, max_new_tokens=6)
+    monkeypatch.setattr(R, "_shareable", shareable)
+    got, gens = score_and_generate(model, formatter, items, QUESTIONS, 6, batch_size=2)
+    assert len(calls) == shareable_calls + 1  # it stops trying at the first refusal
+    assert gens == expected_gens
+    for a, b in zip(expected, got, strict=True):
+        assert a.n_tokens == b.n_tokens
+        assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
+
+
 def test_batches_closed_before_padding_takes_over():
     from unlearn.records import _token_budget_batches
 

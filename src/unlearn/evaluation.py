@@ -94,7 +94,7 @@ def run_records(
         for rec, g in zip(recs if questions else [], gens, strict=True):
             rec["generation"] = g
         if mia_gradnorm and s.name in ("forget", "holdout"):
-            answers = [it for it in items if it.detail]
+            answers = [ScoreItem(r["question"], r["answer"]) for r in s.rows]
             for rec, g in zip(recs, grad_norms(model, formatter, answers), strict=True):
                 rec["grad_norm"] = g
         out[s.name] = recs

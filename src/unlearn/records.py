@@ -362,49 +362,40 @@ def _score_trees(
         targets = [t for r in chunk for _, a in groups[r] for t in a]
         counts = [len(a) for r in chunk for _, a in groups[r]]
         head = last.index_select(0, rows)[:, 0]  # [n, V]: predicts each answer's first token
-        if q == 0:
-            sel = [head[k] for k, r in enumerate(chunk) for _, a in groups[r] for _ in a[:1]]
-            _flat_scores(
-                torch.stack(sel) if sel else head[:0],
-                torch.tensor(targets, device=device),
-                counts,
-                item_ids,
-                items,
-                tok,
-                out,
-            )
+        flat = head
+        if q == 0:  # one-token answers only: the prompts' last logits are all there is
             if stats is not None:
                 stats.sequences += len(item_ids)
-            continue
-        ids = torch.full((len(chunk), q), pad, dtype=torch.long)
-        pos = torch.zeros((len(chunk), q), dtype=torch.long)
-        allowed = torch.zeros((len(chunk), q, width + q), dtype=torch.bool)
-        allowed[:, :, width:] = torch.eye(q, dtype=torch.bool)  # padding attends to itself only
-        for k, r in enumerate(chunk):
-            tokens, parents, depths, _ = tries[r]
-            n = len(tokens)
-            ids[k, :n] = torch.tensor(tokens)
-            pos[k, :n] = int(plen[r]) + torch.tensor(depths)
-            allowed[k, :n, :width] = pmask[r].bool().cpu()
-            for j in range(n):  # a node sees its ancestors: its parent's row plus itself
-                if parents[j] >= 0:
-                    allowed[k, j, width : width + q] |= allowed[k, parents[j], width : width + q]
-        mask4 = allowed[:, None].to(device)
-        if kind == "float":
-            dtype = next(model.parameters()).dtype
-            mask4 = torch.zeros(mask4.shape, dtype=dtype, device=device).masked_fill(
-                ~mask4, torch.finfo(dtype).min
-            )
-        _count(stats, sum(sizes[r] for r in chunk), ids.numel(), len(item_ids))
-        logits = model(
-            input_ids=ids.to(device),
-            attention_mask=mask4,
-            position_ids=pos.to(device),
-            past_key_values=_cache_rows(cache, rows),
-            use_cache=True,
-        ).logits
+        else:
+            ids = torch.full((len(chunk), q), pad, dtype=torch.long)
+            pos = torch.zeros((len(chunk), q), dtype=torch.long)
+            allowed = torch.zeros((len(chunk), q, width + q), dtype=torch.bool)
+            allowed[:, :, width:] = torch.eye(q, dtype=torch.bool)  # padding: itself only
+            for k, r in enumerate(chunk):
+                tokens, parents, depths, _ = tries[r]
+                n = len(tokens)
+                ids[k, :n] = torch.tensor(tokens)
+                pos[k, :n] = int(plen[r]) + torch.tensor(depths)
+                allowed[k, :n, :width] = pmask[r].bool().cpu()
+                for j in range(n):  # a node sees its ancestors: its parent's row plus itself
+                    if parents[j] >= 0:
+                        allowed[k, j, width:] |= allowed[k, parents[j], width:]
+            mask4 = allowed[:, None].to(device)
+            if kind == "float":
+                dtype = next(model.parameters()).dtype
+                mask4 = torch.zeros(mask4.shape, dtype=dtype, device=device).masked_fill(
+                    ~mask4, torch.finfo(dtype).min
+                )
+            _count(stats, sum(sizes[r] for r in chunk), ids.numel(), len(item_ids))
+            logits = model(
+                input_ids=ids.to(device),
+                attention_mask=mask4,
+                position_ids=pos.to(device),
+                past_key_values=_cache_rows(cache, rows),
+                use_cache=True,
+            ).logits
+            flat = torch.cat([head, logits.reshape(-1, logits.shape[-1]).to(head.dtype)], 0)
         # rows of [head; tree outputs] in the order of the answer tokens they predict
-        flat = torch.cat([head, logits.reshape(-1, logits.shape[-1]).to(head.dtype)], 0)
         index = []
         for k, r in enumerate(chunk):
             for src in tries[r][3]:
@@ -418,6 +409,44 @@ def _score_trees(
             tok,
             out,
         )
+
+
+def _score_chunks(
+    model, kind, cache, pmask, plen, last, groups, items, batch_size, max_tokens, stats, out, tok
+) -> None:
+    """Score every answer of a prompt batch as its own sequence off its prompt's cache rows.
+
+    The path for attention implementations that take no custom 4D mask (`_score_trees` is the
+    default); same arguments, `kind` unused.
+    """
+    device = pmask.device
+    pad = tok.pad_token_id
+    seqs = [(row, i, a) for row, g in enumerate(groups) for i, a in g]
+    fed_len = [max(len(a) - 1, 0) for _, _, a in seqs]
+    for chunk in _token_budget_batches(fed_len, batch_size, max_tokens):
+        rows = torch.tensor([seqs[k][0] for k in chunk], device=device)
+        fw = max(fed_len[k] for k in chunk)
+        target = torch.full((len(chunk), fw + 1), IGNORE_INDEX, dtype=torch.long)
+        fmask = torch.zeros((len(chunk), fw), dtype=torch.long)
+        for r, k in enumerate(chunk):
+            target[r, : len(seqs[k][2])] = torch.tensor(seqs[k][2], dtype=torch.long)
+            fmask[r, : fed_len[k]] = 1
+        logits = last.index_select(0, rows)
+        if fw > 0:
+            fed = target[:, :fw].masked_fill(fmask == 0, pad).to(device)
+            fmask = fmask.to(device)
+            _count(stats, int(fmask.sum()), fed.numel(), len(chunk))
+            more = model(
+                input_ids=fed,
+                attention_mask=torch.cat([pmask.index_select(0, rows), fmask], dim=1),
+                position_ids=plen.index_select(0, rows)[:, None] + torch.arange(fw, device=device),
+                past_key_values=_cache_rows(cache, rows),
+                use_cache=True,
+            ).logits
+            logits = torch.cat([logits, more.to(logits.dtype)], dim=1)
+        elif stats is not None:
+            stats.sequences += len(chunk)
+        _to_scores(logits, target.to(device), [seqs[k][1] for k in chunk], items, tok, out)
 
 
 def _score_shared(
@@ -472,15 +501,15 @@ def _score_shared(
     if len(common) >= 2:
         head = model(input_ids=torch.tensor([common], device=device), use_cache=True, **keep)
         head_cache = head.past_key_values
-        if _shareable(head_cache):
-            _count(stats, len(common), len(common), 0)
-        else:
-            common, head_cache = (), None
+        if not _shareable(head_cache):  # other cache kinds: everything takes the flat path
+            return list(item_ids), generations
+        _count(stats, len(common), len(common), 0)
     else:
         common = ()
     c = len(common)
     tree_kind = _tree_mask_kind(model) if trees else None
-    for pidx in _token_budget_batches([len(p) for p in prompts], batch_size, max_tokens):
+    batches = _token_budget_batches([len(p) for p in prompts], batch_size, max_tokens)
+    for bi, pidx in enumerate(batches):
         tails, tmask = _left_pad([prompts[j][c:] for j in pidx], pad)
         tails, tmask = tails.to(device), tmask.to(device)
         n = len(pidx)
@@ -502,46 +531,16 @@ def _score_shared(
             **keep,
         )
         cache = res.past_key_values
-        if not _shareable(cache):
-            leftover += [i for j in pidx for i, _ in by_prompt[prompts[j]]]
-            continue
+        if not _shareable(cache):  # other cache kinds: everything left takes the flat path
+            done = {j for b in batches[:bi] for j in b}
+            leftover = [i for j, p in enumerate(prompts) if j not in done for i, _ in by_prompt[p]]
+            break
         _count(stats, int(tmask.sum()), tails.numel(), 0)
-        last = res.logits[:, -1:]
-        if tree_kind is not None:
-            groups = [by_prompt[prompts[j]] for j in pidx]
-            _score_trees(
-                model, tree_kind, cache, pmask, plen, last, groups, items, batch_size,
-                max_tokens, stats, out, tok,
-            )  # fmt: skip
-        seqs = [] if tree_kind is not None else [
-            (row, i, a) for row, j in enumerate(pidx) for i, a in by_prompt[prompts[j]]
-        ]  # fmt: skip
-        fed_len = [max(len(a) - 1, 0) for _, _, a in seqs]
-        for chunk in _token_budget_batches(fed_len, batch_size, max_tokens):
-            rows = torch.tensor([seqs[k][0] for k in chunk], device=device)
-            fw = max(fed_len[k] for k in chunk)
-            target = torch.full((len(chunk), fw + 1), IGNORE_INDEX, dtype=torch.long)
-            fmask = torch.zeros((len(chunk), fw), dtype=torch.long)
-            for r, k in enumerate(chunk):
-                target[r, : len(seqs[k][2])] = torch.tensor(seqs[k][2], dtype=torch.long)
-                fmask[r, : fed_len[k]] = 1
-            logits = last.index_select(0, rows)
-            if fw > 0:
-                fed = target[:, :fw].masked_fill(fmask == 0, pad).to(device)
-                fmask = fmask.to(device)
-                _count(stats, int(fmask.sum()), fed.numel(), len(chunk))
-                more = model(
-                    input_ids=fed,
-                    attention_mask=torch.cat([pmask.index_select(0, rows), fmask], dim=1),
-                    position_ids=plen.index_select(0, rows)[:, None]
-                    + torch.arange(fw, device=device),
-                    past_key_values=_cache_rows(cache, rows),
-                    use_cache=True,
-                ).logits
-                logits = torch.cat([logits, more.to(logits.dtype)], dim=1)
-            elif stats is not None:
-                stats.sequences += len(chunk)
-            _to_scores(logits, target.to(device), [seqs[k][1] for k in chunk], items, tok, out)
+        score_answers = _score_chunks if tree_kind is None else _score_trees
+        score_answers(
+            model, tree_kind, cache, pmask, plen, res.logits[:, -1:],
+            [by_prompt[prompts[j]] for j in pidx], items, batch_size, max_tokens, stats, out, tok,
+        )  # fmt: skip
         gen_rows = [row for row, j in enumerate(pidx) if prompts[j] in wanted]
         if gen_rows:
             rows = torch.tensor(gen_rows, device=device)
