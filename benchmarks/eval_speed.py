@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from unlearn import metrics as M
-from unlearn import records as records_module
 from unlearn.config import ModelConfig, PromptConfig
-from unlearn.evaluation import build_suite, run_records, score_suite
+from unlearn.eval import records as records_module
+from unlearn.eval.records import PassStats, _greedy, _left_pad
+from unlearn.eval.run import build_suite, run_records, score_suite
 from unlearn.losses import IGNORE_INDEX
 from unlearn.prompts import PromptFormatter, Tokenized, collate
-from unlearn.records import PassStats, _greedy, _left_pad
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 
@@ -208,7 +208,7 @@ def _warm_up(model, formatter: PromptFormatter) -> None:
 
 
 def _timed_generate(seconds: list[float]):
-    """`unlearn.records._greedy` wrapped to add its time to seconds[0] (looked up at call time,
+    """`unlearn.eval.records._greedy` wrapped to add its time to seconds[0] (looked up at call time,
     so patching the module attribute reaches it)."""
     inner = records_module._greedy
 

@@ -28,7 +28,7 @@ def _data(tmp: Path, n: int) -> tuple[str, str]:
         f = [json.loads(x) for x in (TOFU / "forget01.json").read_text().splitlines()[:n]]
         r = [json.loads(x) for x in (TOFU / "retain99.json").read_text().splitlines()[:n]]
     else:
-        from unlearn.benchmarks.people import build_people_benchmark
+        from unlearn.eval.suites.people import build_people_benchmark
 
         splits = build_people_benchmark()
         f, r = splits["forget"][:n], splits["retain"][:n]

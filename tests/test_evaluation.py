@@ -20,15 +20,11 @@ from scipy.stats import hmean, ks_2samp
 
 from conftest import TOFU, requires_tofu, write_jsonl
 from unlearn import metrics as M
-from unlearn.benchmarks.suites import EvalSet, Suite, people_suite
 from unlearn.cli import main
 from unlearn.config import ModelConfig, PromptConfig
 from unlearn.data import content_hash
 from unlearn.errors import UnlearnError
-from unlearn.evaluation import evaluate, score_suite
-from unlearn.models import load_model_and_tokenizer
-from unlearn.prompts import PromptFormatter
-from unlearn.records import (
+from unlearn.eval.records import (
     PassStats,
     ScoreItem,
     generate,
@@ -36,6 +32,10 @@ from unlearn.records import (
     score,
     score_and_generate,
 )
+from unlearn.eval.run import evaluate, score_suite
+from unlearn.eval.suites.builders import EvalSet, Suite, people_suite
+from unlearn.models import load_model_and_tokenizer
+from unlearn.prompts import PromptFormatter
 
 NO_REF = "--reference"
 FAST = {"max_new_tokens": 4, "progress": False}
@@ -255,7 +255,7 @@ def test_caches_that_cannot_be_shared_fall_back_to_whole_sequences(
     tiny, monkeypatch, shareable_calls
 ):
     """A cache kind prefix sharing cannot copy: from then on, every sequence runs whole."""
-    import unlearn.records as R
+    import unlearn.eval.records as R
 
     model, formatter = tiny
     calls = []
@@ -277,7 +277,7 @@ def test_caches_that_cannot_be_shared_fall_back_to_whole_sequences(
 
 
 def test_batches_closed_before_padding_takes_over():
-    from unlearn.records import _token_budget_batches
+    from unlearn.eval.records import _token_budget_batches
 
     sizes = [300, 100, 310, 110]
     assert _token_budget_batches(sizes, 16, 4096) == [[1, 3, 0, 2]]  # 59% real tokens

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from unlearn.benchmarks.general_knowledge import general_knowledge_qa
-from unlearn.benchmarks.people import (
+from unlearn.errors import UnlearnError
+from unlearn.eval.suites.general_knowledge import general_knowledge_qa
+from unlearn.eval.suites.people import (
     ATTRIBUTES,
     MAX_PERTURBED,
     build_people_benchmark,
     generate_people,
     people_qa,
 )
-from unlearn.errors import UnlearnError
 
 PEOPLE_KEYS = {
     "id",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from unlearn.errors import UnlearnError
-from unlearn.reporting import build_report, format_value
+from unlearn.report.build import build_report, format_value
 
 MARKER = "FORGET-SET-MARKER-7f3a"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,7 @@ from unlearn.errors import TrainingDiverged, UnlearnError
 from unlearn.methods import METHODS, get_method
 from unlearn.methods.base import Method
 from unlearn.prompts import PromptFormatter, tokenize_examples
-from unlearn.training import latest_checkpoint, plan_steps, retain_stream, train
+from unlearn.train.loop import latest_checkpoint, plan_steps, retain_stream, train
 
 FAST = ["train.progress=false", "train.batch_size=2"]
 
@@ -281,7 +281,7 @@ def test_output_folder_rules(target_dir, qa_files, tmp_path):
 def test_deferred_retain_pass_adds_up_to_the_joint_loss(name):
     """The loop's two backward passes (forget, then alpha*retain) equal one on the joint loss."""
     from unlearn.methods.base import LossInputs
-    from unlearn.training import _retain_loss
+    from unlearn.train.loop import _retain_loss
 
     torch.manual_seed(0)
     f_logits, r_logits = torch.randn(2, 4, 7), torch.randn(2, 4, 7)

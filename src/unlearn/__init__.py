@@ -10,12 +10,12 @@ __version__ = "0.1.0"
 
 from unlearn.api import RunResult, finetune, forget
 from unlearn.errors import TrainingDiverged, UnlearnError
-from unlearn.evaluation import evaluate
+from unlearn.eval.run import evaluate
 
 
 def report(eval_dirs: list[str], output: str, show_examples: bool = False) -> dict:
     """Write report.md, report.html and summary.json for evaluated models; returns the summary."""
-    from unlearn.reporting import build_report
+    from unlearn.report.build import build_report
 
     return build_report(eval_dirs, output, show_examples=show_examples)
 

@@ -40,7 +40,7 @@ from unlearn.outputs import (
     versions,
 )
 from unlearn.prompts import PromptFormatter, Tokenized, collate, tokenize_examples
-from unlearn.training import StepCallback, plan_steps, train
+from unlearn.train.loop import StepCallback, plan_steps, train
 
 #: How many retain examples the before/after NLL check uses (a sample keeps it cheap).
 NLL_CHECK_RETAIN = 64

@@ -149,7 +149,7 @@ def eval_(
     ] = False,
 ) -> None:
     """Evaluate a model: one pass per dataset, every metric from the saved records."""
-    from unlearn.evaluation import evaluate
+    from unlearn.eval.run import evaluate
 
     res = evaluate(
         model,
@@ -195,7 +195,7 @@ def report(
     ] = False,
 ) -> None:
     """Write report.md, report.html and summary.json comparing evaluated models."""
-    from unlearn.reporting import build_report
+    from unlearn.report.build import build_report
 
     build_report(eval_dirs, output, show_examples=show_examples)
     typer.echo(f"saved: {output}/report.html, {output}/report.md, {output}/summary.json")

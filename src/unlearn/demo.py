@@ -84,10 +84,10 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo end to end; returns the summary (also in OUTPUT/report/summary.json)."""
     import unlearn
-    from unlearn.benchmarks.suites import people_suite
-    from unlearn.evaluation import evaluate
+    from unlearn.eval.run import evaluate
+    from unlearn.eval.suites.builders import people_suite
     from unlearn.models import cache_root
-    from unlearn.reporting import build_report
+    from unlearn.report.build import build_report
 
     s = settings or DemoSettings()
     t0 = time.time()

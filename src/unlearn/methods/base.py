@@ -1,6 +1,6 @@
 """What every unlearning method is: a hyperparameter dataclass and a loss over one model pass.
 
-The shared training loop (`unlearn.training`) runs the model on a forget batch (and a retain batch
+The shared training loop (`unlearn.train.loop`) runs the model on a forget batch (and a retain batch
 when the method asks for one), looks up cached reference values, and hands everything to the
 method's `loss`. A method never runs the model itself, never owns an optimizer, and never inherits
 from another method: what methods share lives in `unlearn.losses` and `unlearn.methods.retain`.

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from unlearn import metrics as M
-from unlearn.benchmarks.suites import (
+from unlearn.config import ModelConfig, PromptConfig
+from unlearn.errors import UnlearnError
+from unlearn.eval.suites.builders import (
     BENCHMARKS,
     EvalSet,
     Suite,
@@ -26,8 +28,6 @@ from unlearn.benchmarks.suites import (
     people_suite,
     tofu_suite,
 )
-from unlearn.config import ModelConfig, PromptConfig
-from unlearn.errors import UnlearnError
 from unlearn.outputs import atomic_write_json, atomic_write_text
 
 RESULTS = "results.json"
@@ -50,7 +50,7 @@ def run_records(
     """
     from tqdm.auto import tqdm
 
-    from unlearn.records import PassStats, ScoreItem, grad_norms, score, score_and_generate
+    from unlearn.eval.records import PassStats, ScoreItem, grad_norms, score, score_and_generate
 
     stats = PassStats()
     out: dict[str, list[dict[str, Any]]] = {}

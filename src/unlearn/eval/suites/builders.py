@@ -121,8 +121,8 @@ def people_suite(seed: int = 0, **sizes: int) -> Suite:
     real_authors, the rest for world_facts, so the full TOFU metric set, model utility included,
     applies.
     """
-    from unlearn.benchmarks.general_knowledge import general_knowledge_qa
-    from unlearn.benchmarks.people import build_people_benchmark
+    from unlearn.eval.suites.general_knowledge import general_knowledge_qa
+    from unlearn.eval.suites.people import build_people_benchmark
 
     splits = build_people_benchmark(seed=seed, **sizes)
     world = general_knowledge_qa(short=True)  # people answers are bare facts too
