@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 import unlearn
-from unlearn.api import mean_nll
 from unlearn.config import PromptConfig, TrainConfig
 from unlearn.data import Example
 from unlearn.errors import TrainingDiverged, UnlearnError
@@ -18,6 +17,7 @@ from unlearn.methods import METHODS, get_method
 from unlearn.methods.base import Method
 from unlearn.prompts import PromptFormatter, tokenize_examples
 from unlearn.train.loop import latest_checkpoint, plan_steps, retain_stream, train
+from unlearn.train.run import mean_nll
 
 FAST = ["train.progress=false", "train.batch_size=2"]
 
