@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # `make install TORCH_SPEC="torch>=2.4"` for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint format demo bench bench-memory clean
+.PHONY: install test lint typecheck format demo bench bench-memory clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,11 @@ format: install
 	$(VENV)/bin/ruff format src tests benchmarks
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
-test: lint
+# mypy over the pure parts (metrics, config); its settings are in pyproject.toml
+typecheck: install
+	$(VENV)/bin/mypy
+
+test: lint typecheck
 	$(VENV)/bin/pytest -q
 
 demo: install

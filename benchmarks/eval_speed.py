@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -42,7 +43,10 @@ import torch.nn.functional as F
 from unlearn import metrics as M
 from unlearn.config import ModelConfig, PromptConfig
 from unlearn.eval import records as records_module
-from unlearn.eval.records import PassStats, _greedy, _left_pad
+from unlearn.eval.records import PassStats
+from unlearn.eval.records.batching import left_pad
+from unlearn.eval.records.decode import greedy, hf_greedy
+from unlearn.eval.records.scores import answer_ids
 from unlearn.eval.run import build_suite, run_records, score_suite
 from unlearn.losses import IGNORE_INDEX
 from unlearn.prompts import PromptFormatter, Tokenized, collate
@@ -63,9 +67,8 @@ class Naive:
 
     # ------------------------------------------------------------------ model passes
     def _pair(self, question: str, answer: str) -> Tokenized:
-        """Prompt + answer, loss on the answer without the end-of-turn marker (as ours does)."""
-        p_ids, a_ids = self.fmt.encode_qa(question, answer)
-        a_ids = a_ids[: len(a_ids) - len(self.fmt.end_ids)] or a_ids
+        """Prompt + answer, loss on the answer and its end-of-turn tokens (as ours does)."""
+        p_ids, a_ids = answer_ids(self.fmt, question, answer)
         n = self.fmt.cfg.max_length
         return Tokenized((p_ids + a_ids)[:n], ([IGNORE_INDEX] * len(p_ids) + a_ids)[:n], 0)
 
@@ -121,8 +124,8 @@ class Naive:
         ]
         out = []
         for start in range(0, len(prompts), self.batch_size):
-            ids, mask = _left_pad(prompts[start : start + self.batch_size], self.tok.pad_token_id)
-            out += _greedy(self.model, self.fmt, ids, mask, self.max_new_tokens, None)
+            ids, mask = left_pad(prompts[start : start + self.batch_size], self.tok.pad_token_id)
+            out += hf_greedy(self.model, self.fmt, ids, mask, self.max_new_tokens, PassStats())
         self.generate_seconds += time.perf_counter() - t0
         return out
 
@@ -207,26 +210,60 @@ def _warm_up(model, formatter: PromptFormatter) -> None:
     model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
 
 
-def _timed_generate(seconds: list[float]):
-    """`unlearn.eval.records._greedy` wrapped to add its time to seconds[0] (looked up at call time,
-    so patching the module attribute reaches it)."""
-    inner = records_module._greedy
+class _Recorded(PassStats):
+    """PassStats that remembers its instances, to read `run_records`' generation time."""
 
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            seconds[0] += time.perf_counter() - t0
+    made: ClassVar[list[PassStats]] = []
 
-    return inner, wrapper
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _Recorded.made.append(self)
+
+
+def compare_generation(model, formatter: PromptFormatter, questions: list[str], args) -> None:
+    """The decode loop against `model.generate` (batches of --batch-size in dataset order, as
+    before), same prompts, same run: time, tokens/s and whether every answer is identical."""
+    tok = formatter.tokenizer
+    prompts = [tuple(formatter.encode_qa(q, "")[0]) for q in questions]
+    old, new = PassStats(), PassStats()
+    t0 = time.perf_counter()
+    before = []
+    for start in range(0, len(prompts), args.batch_size):
+        ids, mask = left_pad(prompts[start : start + args.batch_size], tok.pad_token_id)
+        before += hf_greedy(model, formatter, ids, mask, args.max_new_tokens, old)
+    t_old = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    after = greedy(model, formatter, prompts, args.max_new_tokens, args.gen_batch, new)
+    t_new = time.perf_counter() - t0
+    same = sum(a == b for a, b in zip(before, after, strict=True))
+    print(
+        f"generation of {len(prompts)} forget01 answers, max_new_tokens={args.max_new_tokens}, "
+        f"{old.generated} tokens:\n"
+        f"  model.generate, batches of {args.batch_size}: {t_old:7.1f} s "
+        f"({old.generated / t_old:.1f} tokens/s)\n"
+        f"  decode loop, up to {args.gen_batch} rows:    {t_new:7.1f} s "
+        f"({new.generated / t_new:.1f} tokens/s)\n"
+        f"  speed-up {t_old / t_new:.2f}x; identical answers {same}/{len(prompts)}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=16, help="rows per dataset (default 16)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="200: the full protocol")
+    ap.add_argument(
+        "--system-prompt",
+        default="default",
+        help='the full protocol: "You are a helpful assistant." (OpenUnlearning\'s for SmolLM2)',
+    )
+    ap.add_argument("--max-length", type=int, default=512, help="prompt.max_length")
+    ap.add_argument(
+        "--generation-only",
+        action="store_true",
+        help="only time the decode loop against model.generate on --limit forget01 questions",
+    )
+    ap.add_argument("--gen-batch", type=int, default=32, help="decode loop rows (default 32)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data-dir", default=str(TOFU))
     ap.add_argument(
@@ -240,16 +277,24 @@ def main() -> None:
     suite = build_suite("tofu", "forget01", data_dir=args.data_dir, limit=args.limit)
     model, tok, _ = load_model_and_tokenizer(ModelConfig(name=args.model))
     model.eval()
-    formatter = PromptFormatter(tok, PromptConfig())
+    formatter = PromptFormatter(
+        tok, PromptConfig(system_prompt=args.system_prompt, max_length=args.max_length)
+    )
+    if args.generation_only:
+        with torch.inference_mode():
+            _warm_up(model, formatter)
+            compare_generation(
+                model, formatter, [r["question"] for r in suite.get("forget").rows], args
+            )
+        return
     sizes = ", ".join(f"{s.name}={len(s.rows)}" for s in suite.sets)
     print(
         f"model={args.model} threads={torch.get_num_threads()} batch={args.batch_size} "
-        f"max_new_tokens={args.max_new_tokens} rows: {sizes}"
+        f"max_new_tokens={args.max_new_tokens} system_prompt={args.system_prompt!r} rows: {sizes}"
     )
     with torch.inference_mode():
         _warm_up(model, formatter)
-        ours_gen = [0.0]
-        inner, records_module._greedy = _timed_generate(ours_gen)
+        records_module.PassStats = _Recorded  # type: ignore[misc]
         try:
             t0 = time.perf_counter()
             records, info = run_records(
@@ -258,7 +303,9 @@ def main() -> None:
             ours, _, _ = score_suite(suite, records)
             t_ours = time.perf_counter() - t0
         finally:
-            records_module._greedy = inner
+            records_module.PassStats = PassStats  # type: ignore[misc]
+        ours_gen = [sum(st.generation_seconds for st in _Recorded.made)]
+        generated = sum(st.generated for st in _Recorded.made)
 
         naive = Naive(model, formatter, args.batch_size, args.max_new_tokens)
         t0 = time.perf_counter()
@@ -284,7 +331,8 @@ def main() -> None:
     print(
         f"\n(a) ours : {t_ours:7.1f} s  {info['forward_batches']} teacher-forced batches, "
         f"{info['forward_tokens']} tokens, padding efficiency {info['padding_efficiency']:.1%}; "
-        f"generation {ours_gen[0]:.1f} s"
+        f"generation {ours_gen[0]:.1f} s ({generated} tokens, "
+        f"{generated / max(ours_gen[0], 1e-9):.1f} tokens/s)"
     )
     print(
         f"(b) naive: {t_base:7.1f} s  {naive.stats.batches} teacher-forced batches, "

@@ -80,6 +80,86 @@ def test_forget_end_to_end_writes_model_and_private_manifest(
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # loadable
+    # config.yaml holds every resolved hyperparameter (it used to hold only the method's name)
+    import dataclasses
+
+    import yaml
+
+    from unlearn.methods import get_method
+
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    npo_fields = {f.name for f in dataclasses.fields(get_method("npo").params)}
+    assert set(written["method"]) == {"name", *npo_fields}
+    assert written["method"]["beta"] == 0.2 and written["method"]["name"] == "npo"
+    assert manifest["config"]["method"] == written["method"]
+    # the cost of each phase is visible, in the manifest and in the summary
+    seconds = manifest["seconds"]
+    assert {"load", "tokenize", "nll_check", "train", "save"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values())
+    assert sum(seconds[k] for k in ("load", "tokenize", "nll_check", "train", "save")) == (
+        pytest.approx(manifest["wall_seconds"], abs=0.1)
+    )
+    assert "seconds: load " in stdout and "nll_check" in stdout
+
+
+def test_config_yaml_reruns_the_same_run(capsys, tiny_model_dir, qa_files, tmp_path):
+    forget, retain = qa_files
+    common = ["--model", str(tiny_model_dir), "--forget", str(forget), "--retain", str(retain)]
+    code, _, err = run(capsys, "forget", *common, "--output", str(tmp_path / "a"), *FAST)
+    assert code == 0, err
+    code, out, err = run(
+        capsys, "forget", "--config", str(tmp_path / "a" / "config.yaml"), "--dry-run"
+    )
+    assert code == 0, err
+    first = json.loads((tmp_path / "a" / "unlearn.json").read_text())
+    assert json.loads(out)["hyperparameters"] == first["hyperparameters"]
+
+
+def test_nll_check_can_be_turned_off(capsys, monkeypatch, tiny_model_dir, qa_files, tmp_path):
+    import unlearn.train.run as run_module
+
+    def no_nll(*args, **kwargs):
+        raise AssertionError("the NLL check ran although train.nll_check=false")
+
+    monkeypatch.setattr(run_module, "mean_nll", no_nll)
+    forget, retain = qa_files
+    out = tmp_path / "out"
+    code, stdout, err = run(
+        capsys,
+        "forget",
+        "--model",
+        str(tiny_model_dir),
+        "--forget",
+        str(forget),
+        "--retain",
+        str(retain),
+        "--output",
+        str(out),
+        *FAST,
+        "train.nll_check=false",
+    )
+    assert code == 0, err
+    manifest = json.loads((out / "unlearn.json").read_text())
+    assert "nll_after" not in manifest["metrics"] and "forget_nll" not in stdout
+    assert manifest["data"]["nll_check_retain_examples"] == 0
+
+
+def test_nll_check_cost_is_bounded(capsys, monkeypatch, tiny_model_dir, qa_files, tmp_path):
+    import unlearn.train.run as run_module
+
+    monkeypatch.setattr(run_module, "NLL_CHECK_SEQUENCES", 4)
+    forget, retain = qa_files
+    out = tmp_path / "out"
+    code, stdout, err = run(
+        capsys,
+        "forget",
+        *("--model", str(tiny_model_dir), "--forget", str(forget), "--retain", str(retain)),
+        *("--method", "idk_nll", "--output", str(out), *FAST),
+    )
+    assert code == 0, err
+    data = json.loads((out / "unlearn.json").read_text())["data"]
+    assert data["forget_sequences"] == 6 and data["nll_check_forget_sequences"] == 4
+    assert data["nll_check_retain_examples"] == 4 and "forget_nll:" in stdout
 
 
 def test_finetune_then_config_file_with_overrides(capsys, tiny_model_dir, qa_files, tmp_path):
@@ -130,6 +210,11 @@ def test_dry_run_loads_no_model_and_writes_nothing(capsys, qa_files, tmp_path):
     assert plan["forget_examples"] == 6 and plan["optimizer_steps"] == 6  # 3 epochs x ceil(6/4)
     assert plan["caches_reference_logp"] and not plan["keeps_reference_model"]
     assert not (tmp_path / "o").exists()
+    # prompt, training settings and where the model will run are part of the plan
+    assert plan["prompt"]["template"] == "auto" and plan["prompt"]["max_length"] == 256
+    assert plan["train"]["epochs"] == 3 and plan["train"]["lr"] == 1e-5
+    assert plan["train"]["nll_check"] is True and plan["train"]["warmup_steps"] == 0
+    assert plan["model"]["device"] in ("cpu", "cuda:0") and plan["model"]["dtype"]
 
 
 def test_example_config_dry_run(capsys, monkeypatch):

@@ -74,11 +74,44 @@ def test_bad_yaml_and_missing_file(tmp_path):
         ("batch_size", 0, "batch_size"),
         ("grad_accum", 0, "grad_accum"),
         ("warmup_ratio", 1.5, "warmup_ratio"),
+        ("warmup_ratio", -0.1, "warmup_ratio"),
+        ("warmup_steps", -1, "warmup_steps must be >= 0"),
     ],
 )
 def test_validate_train(field, value, fragment):
     with pytest.raises(UnlearnError, match=fragment):
         validate_train(TrainConfig(**{field: value}))
+
+
+def test_warmup_over_the_whole_run_and_warmup_steps():
+    # TOFU's recipe warms up over a whole epoch: a ratio of 1.0 must be accepted (it was refused)
+    cfg = resolve_config(None, ["train.warmup_ratio=1.0", "train.epochs=1"])
+    validate_train(cfg.train)
+    assert cfg.train.num_warmup_steps(10) == 10
+    steps = resolve_config(None, ["train.warmup_ratio=0.5", "train.warmup_steps=3"]).train
+    validate_train(steps)
+    assert steps.warmup_steps == 3 and steps.num_warmup_steps(10) == 3  # steps win over the ratio
+    assert TrainConfig(warmup_ratio=0.25).num_warmup_steps(10) == 2
+    assert TrainConfig(warmup_steps=0, warmup_ratio=0.5).num_warmup_steps(10) == 0
+
+
+def test_warmup_that_would_do_nothing_is_refused(qa_files, tmp_path):
+    with pytest.raises(UnlearnError, match=r"constant ignores warm-up.*constant_with_warmup"):
+        validate_train(TrainConfig(scheduler="constant", warmup_ratio=0.1))
+    validate_train(TrainConfig(scheduler="constant_with_warmup", warmup_steps=2))
+    from unlearn.api import forget
+
+    forget_file, retain_file = qa_files
+    args = dict(model="org/m", forget=str(forget_file), retain=str(retain_file), output="o")
+    with pytest.raises(UnlearnError, match=r"warmup_steps=9 is more than the run's 2 optimizer"):
+        forget(**args, overrides=["train.warmup_steps=9"], dry_run=True)  # 6 examples / 4 = 2
+    plan = forget(**args, overrides=["train.warmup_steps=2"], dry_run=True)
+    assert plan.describe()["train"]["warmup_steps"] == 2
+
+
+def test_nll_check_is_a_train_setting():
+    assert TrainConfig().nll_check is True
+    assert resolve_config(None, ["train.nll_check=false"]).train.nll_check is False
 
 
 def test_switching_method_drops_other_methods_hyperparameters(tmp_path):
@@ -89,7 +122,8 @@ def test_switching_method_drops_other_methods_hyperparameters(tmp_path):
 
 
 def test_every_example_config_parses():
-    files = sorted(EXAMPLES.glob("*.yaml"))
+    # eval_*.yaml are `unlearn eval` configs, parsed in test_evaluation.py
+    files = sorted(f for f in EXAMPLES.glob("*.yaml") if not f.name.startswith("eval_"))
     assert files, "examples/ must hold at least one config"
     from unlearn.methods import build_params, get_method
 

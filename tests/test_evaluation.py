@@ -11,34 +11,28 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.stats import hmean, ks_2samp
 
 from conftest import TOFU, requires_tofu, write_jsonl
 from unlearn import metrics as M
+from unlearn.api import evaluate, resolve_eval_config
 from unlearn.cli import main
 from unlearn.config import ModelConfig, PromptConfig
 from unlearn.data import content_hash
 from unlearn.errors import UnlearnError
-from unlearn.eval.records import (
-    PassStats,
-    ScoreItem,
-    generate,
-    grad_norms,
-    score,
-    score_and_generate,
-)
-from unlearn.eval.run import evaluate, score_suite
-from unlearn.eval.suites.builders import EvalSet, Suite, people_suite
+from unlearn.eval.run import score_suite
+from unlearn.eval.suites.builders import EvalSet, Suite, custom_suite, people_suite
 from unlearn.models import load_model_and_tokenizer
 from unlearn.prompts import PromptFormatter
+from unlearn.report.build import build_report
 
 NO_REF = "--reference"
-FAST = {"max_new_tokens": 4, "progress": False}
+FAST = {"overrides": ["generation.max_new_tokens=4"], "progress": False}
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -68,326 +62,6 @@ def people_evals(tiny_model_dir, tmp_path_factory):
         str(tiny_model_dir), str(tgt_dir), benchmark="people", reference=str(ref_dir), **FAST
     )
     return ref_dir, tgt_dir, ref, tgt
-
-
-QUESTIONS = [
-    "Where?",
-    "Where was Maren Hollister born, and what does she write about in her books?",
-    "What is the capital of France?",
-]
-
-
-# ---------------------------------------------------------------------------- records.score
-def _hand_score(model, formatter, item: ScoreItem):
-    """One unbatched sequence: (answer token ids, log-softmax rows predicting them, logits rows)."""
-    tok = formatter.tokenizer
-    if item.question is None:
-        body = tok(item.answer, add_special_tokens=False)["input_ids"]
-        ids, start = [tok.bos_token_id, *body], 1
-    else:
-        p_ids, a_ids = formatter.encode_qa(item.question, item.answer)
-        a_ids = a_ids[: len(a_ids) - len(formatter.end_ids)]
-        # The answer scored is the answer text itself, without the end-of-turn marker.
-        assert a_ids == tok(item.answer.strip(), add_special_tokens=False)["input_ids"]
-        ids, start = p_ids + a_ids, len(p_ids)
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()
-    rows = logits[start - 1 : len(ids) - 1]
-    return ids[start:], F.log_softmax(rows, dim=-1), rows
-
-
-def _items() -> list[ScoreItem]:
-    return [
-        ScoreItem(QUESTIONS[1], "Maren Hollister was born in Port Selwyn in 1961.", detail=True),
-        ScoreItem(QUESTIONS[0], "Paris."),
-        ScoreItem(QUESTIONS[2], "The capital of France is Paris.", detail=True),
-        ScoreItem(
-            QUESTIONS[1],
-            "She writes books about rivers, mountains and old cities; Bob plays the cello and "
-            "the quick brown fox jumps over the lazy dog.",
-        ),
-        ScoreItem(None, "Alice writes books about rivers.", detail=True),
-        ScoreItem(QUESTIONS[0], "I do not know.", detail=True),
-    ]
-
-
-MODES = {  # how `score` may run the model; every mode must give the hand loop's numbers
-    "trees": {},
-    "shared-prompts": {"tree_answers": False},
-    "flat": {"share_prompts": False},
-    "trees-eager": {"eager": True},
-}
-
-
-@pytest.fixture
-def mode_model(tiny, request):
-    """(model, formatter, score kwargs) for a mode; eager attention takes a float 4D mask."""
-    model, formatter = tiny
-    kwargs = dict(MODES[request.param])
-    if kwargs.pop("eager", False):
-        model.set_attn_implementation("eager")
-    yield model, formatter, kwargs
-    model.set_attn_implementation("sdpa")
-
-
-@pytest.mark.parametrize("mode_model", list(MODES), indirect=True)
-def test_score_matches_unbatched_hand_loop(mode_model, request):
-    model, formatter, kwargs = mode_model
-    mode = request.node.callspec.id
-    items = _items()
-    stats = PassStats()
-    # batch_size=2: several length buckets, each padded; results must not depend on it.
-    scores = score(model, formatter, items, batch_size=2, stats=stats, **kwargs)
-    assert len(scores) == len(items)
-    assert stats.sequences == len(items)
-    # flat: 6 sequences in 3 batches of 2. shared: the prompts' common start (chat template) once,
-    # the 3 distinct prompts in 2 batches of <= 2, their 3 + 2 answers in chunks of <= 2 (2 + 1),
-    # and the document in a flat batch of its own. trees: one tree chunk per prompt batch.
-    assert stats.batches == {"flat": 3, "shared-prompts": 7}.get(mode, 6)
-    lengths = set()
-    for item, s in zip(items, scores, strict=True):
-        target, logp, _ = _hand_score(model, formatter, item)
-        lengths.add(len(target))
-        assert s.n_tokens == len(target) > 0
-        expected = float(logp[torch.arange(len(target)), torch.tensor(target)].sum())
-        assert s.logprob_sum == pytest.approx(expected, abs=1e-4)
-    assert len(lengths) >= 4  # really different lengths were batched together
-    # the same numbers in one big batch and one sequence per batch
-    for bs in (1, 64):
-        again = score(model, formatter, items, batch_size=bs, **kwargs)
-        for a, b in zip(scores, again, strict=True):
-            assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
-            assert a.n_tokens == b.n_tokens
-
-
-@pytest.mark.parametrize("mode_model", list(MODES), indirect=True)
-def test_score_token_level_fields_only_for_detail_items(mode_model):
-    model, formatter, kwargs = mode_model
-    items = _items()
-    scores = score(model, formatter, items, batch_size=3, **kwargs)
-    for item, s in zip(items, scores, strict=True):
-        d = s.to_dict()
-        if not item.detail:
-            assert set(d) == {"logprob_sum", "n_tokens"}
-            assert s.token_logprobs == s.top1 == s.vocab_mu == s.vocab_sigma == []
-            continue
-        detail = ("token_logprobs", "top1", "vocab_mu", "vocab_sigma", "keyword_mask")
-        assert set(d) == {"logprob_sum", "n_tokens", *detail}
-        for key in detail:
-            assert len(d[key]) == s.n_tokens, key
-        assert sum(s.token_logprobs) == pytest.approx(s.logprob_sum, abs=1e-3)
-        target, logp, rows = _hand_score(model, formatter, item)
-        tok_lp = logp[torch.arange(len(target)), torch.tensor(target)]
-        np.testing.assert_allclose(s.token_logprobs, tok_lp.numpy(), atol=1e-4)
-        # top-1 flags are argmax matches
-        assert s.top1 == (rows.argmax(-1) == torch.tensor(target)).tolist()
-        # vocabulary moments at one position, computed directly over the vocabulary
-        t = len(target) // 2
-        row = logp[t].double()
-        p = row.exp()
-        mu = float((p * row).sum())
-        sigma = math.sqrt(float((p * (row - mu) ** 2).sum()))
-        assert s.vocab_mu[t] == pytest.approx(mu, abs=1e-4)
-        assert s.vocab_sigma[t] == pytest.approx(sigma, abs=1e-4)
-        ref_mu, ref_sigma = M.vocab_logprob_moments(logp.numpy())
-        np.testing.assert_allclose(s.vocab_mu, ref_mu, atol=1e-4)
-        np.testing.assert_allclose(s.vocab_sigma, ref_sigma, atol=1e-4)
-    # key words of "The capital of France is Paris." are capital, france, paris
-    capital = scores[2]
-    assert any(capital.keyword_mask) and not all(capital.keyword_mask)
-
-
-# ---------------------------------------------------------------------------- PassStats
-def _padding_efficiency(lengths: list[int], batches: list[list[int]]) -> float:
-    real = sum(lengths)
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return real / padded
-
-
-def test_padding_efficiency_of_bucketing_beats_unsorted_order(tiny):
-    model, formatter = tiny
-    short, long = "Paris.", " ".join(["Alice writes books about rivers and mountains."] * 4)
-    items = [ScoreItem(QUESTIONS[2], a) for a in (short, long, short, long, short, long)]
-    stats = PassStats()
-    score(model, formatter, items, batch_size=2, stats=stats, share_prompts=False)
-    assert 0 < stats.efficiency <= 1
-    # scored sequences are prompt + answer without the end-of-turn marker
-    end = len(formatter.end_ids)
-    lengths = [sum(map(len, formatter.encode_qa(it.question, it.answer))) - end for it in items]
-    assert stats.real_tokens == sum(lengths)
-    bucketed = _padding_efficiency(lengths, [[0, 2], [4, 1], [3, 5]])
-    assert stats.efficiency == pytest.approx(bucketed)
-    in_given_order = _padding_efficiency(lengths, [[0, 1], [2, 3], [4, 5]])
-    assert in_given_order < 0.75 < stats.efficiency
-    # stats accumulate
-    total = PassStats()
-    total.add(stats)
-    total.add(stats)
-    assert total.real_tokens == 2 * stats.real_tokens
-    assert total.efficiency == pytest.approx(stats.efficiency)
-    assert PassStats().efficiency == 0.0
-
-
-def test_shared_prompts_run_each_prompt_once(tiny):
-    model, formatter = tiny
-    answers = ["Paris.", "Lyon, on the Rhone.", "I do not know which city it is.", "Rome."]
-    items = [ScoreItem(q, a) for q in QUESTIONS for a in answers]
-    flat, shared = PassStats(), PassStats()
-    a = score(model, formatter, items, batch_size=4, stats=flat, share_prompts=False)
-    b = score(model, formatter, items, batch_size=4, stats=shared)
-    for x, y in zip(a, b, strict=True):
-        assert x.n_tokens == y.n_tokens
-        assert x.logprob_sum == pytest.approx(y.logprob_sum, abs=1e-4)
-    tok = formatter.tokenizer
-    prompts = [formatter.encode_qa(q, "x")[0] for q in QUESTIONS]
-    prompt_tokens = sum(map(len, prompts))
-    common = next(k for k in range(99) if len({tuple(p[: k + 1]) for p in prompts}) > 1)
-    assert common > 3  # the chat template's opening, shared by every prompt
-    # each answer is fed without its last token: the prompt's last position predicts its first
-    fed = sum(len(tok(x, add_special_tokens=False)["input_ids"]) - 1 for x in answers)
-    assert shared.real_tokens == common + (prompt_tokens - 3 * common) + len(QUESTIONS) * fed
-    assert flat.real_tokens == len(answers) * prompt_tokens + len(QUESTIONS) * (fed + len(answers))
-    assert shared.real_tokens < flat.real_tokens / 2
-
-
-@pytest.mark.parametrize("shareable_calls", [0, 2])
-def test_caches_that_cannot_be_shared_fall_back_to_whole_sequences(
-    tiny, monkeypatch, shareable_calls
-):
-    """A cache kind prefix sharing cannot copy: from then on, every sequence runs whole."""
-    import unlearn.eval.records as R
-
-    model, formatter = tiny
-    calls = []
-
-    def shareable(cache):
-        calls.append(cache)
-        return len(calls) <= shareable_calls  # 2: the common start and the first prompt batch
-
-    items = _items()
-    expected = score(model, formatter, items, batch_size=2, share_prompts=False)
-    expected_gens = generate(model, formatter, QUESTIONS, max_new_tokens=6)
-    monkeypatch.setattr(R, "_shareable", shareable)
-    got, gens = score_and_generate(model, formatter, items, QUESTIONS, 6, batch_size=2)
-    assert len(calls) == shareable_calls + 1  # it stops trying at the first refusal
-    assert gens == expected_gens
-    for a, b in zip(expected, got, strict=True):
-        assert a.n_tokens == b.n_tokens
-        assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
-
-
-def test_batches_closed_before_padding_takes_over():
-    from unlearn.eval.records import _token_budget_batches
-
-    sizes = [300, 100, 310, 110]
-    assert _token_budget_batches(sizes, 16, 4096) == [[1, 3, 0, 2]]  # 59% real tokens
-    assert _token_budget_batches(sizes, 16, 4096, 0.9, 150) == [[1, 3], [0, 2]]
-    # below min_tokens a batch is never closed for padding alone
-    assert _token_budget_batches(sizes, 16, 4096, 0.9, 10_000) == [[1, 3, 0, 2]]
-    assert _token_budget_batches(sizes, 3, 4096) == [[1, 3, 0], [2]]
-    assert _token_budget_batches(sizes, 16, 620) == [[1, 3], [0, 2]]
-
-
-# ---------------------------------------------------------------------------- records.generate
-def test_generate_is_deterministic_and_independent_of_batch(tiny):
-    model, formatter = tiny
-    tok = formatter.tokenizer
-    prompt_lengths = {len(tok(formatter.prompt_text(q))["input_ids"]) for q in QUESTIONS}
-    assert len(prompt_lengths) == 3  # the batch really is left-padded
-    stats = PassStats()
-    together = generate(model, formatter, QUESTIONS, max_new_tokens=6, stats=stats)
-    assert all(isinstance(g, str) for g in together) and len(together) == 3
-    assert any(together)
-    assert 0 < stats.generated <= 18
-    assert generate(model, formatter, QUESTIONS, max_new_tokens=6) == together
-    alone = [generate(model, formatter, [q], max_new_tokens=6)[0] for q in QUESTIONS]
-    assert alone == together
-    # order of the questions does not matter either
-    assert generate(model, formatter, QUESTIONS[::-1], max_new_tokens=6) == together[::-1]
-
-
-@pytest.mark.parametrize("mode_model", ["trees", "trees-eager"], indirect=True)
-def test_answers_sharing_their_start_are_fed_once(mode_model):
-    """A prompt's answers become one prefix tree: shared beginnings run once, numbers unchanged."""
-    model, formatter, kwargs = mode_model
-    answers = [
-        "The capital is Paris.",
-        "The capital is Rome.",
-        "The capital is",  # a prefix of the others
-        "The capital city is Lyon.",
-        "Paris.",
-    ]
-    items = [ScoreItem(q, a, detail=(k == 0)) for q in QUESTIONS for k, a in enumerate(answers)]
-    tree_stats, flat_stats = PassStats(), PassStats()
-    trees = score(model, formatter, items, batch_size=2, stats=tree_stats, **kwargs)
-    flat = score(model, formatter, items, batch_size=2, stats=flat_stats, share_prompts=False)
-    for a, b in zip(flat, trees, strict=True):
-        assert a.n_tokens == b.n_tokens
-        assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
-        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4)
-        assert a.top1 == b.top1 and a.keyword_mask == b.keyword_mask
-        np.testing.assert_allclose(a.vocab_sigma, b.vocab_sigma, atol=1e-4)
-    # fed per prompt: every distinct proper prefix of the answers' tokens, once
-    tok = formatter.tokenizer
-    ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
-    prefixes = {tuple(t[:k]) for t in ids for k in range(1, len(t))}
-    assert len(prefixes) < sum(len(t) - 1 for t in ids)  # the answers do share beginnings
-    prompts = [formatter.encode_qa(q, "x")[0] for q in QUESTIONS]
-    common = next(k for k in range(99) if len({tuple(p[: k + 1]) for p in prompts}) > 1)
-    prompt_tokens = common + sum(len(p) - common for p in prompts)
-    assert tree_stats.real_tokens == prompt_tokens + len(QUESTIONS) * len(prefixes)
-
-
-def test_generation_off_the_scoring_prompt_pass_matches_generate(tiny):
-    """`score_and_generate` continues from the prompts' cache; the answers must not change."""
-    model, formatter = tiny
-    items = [ScoreItem(q, a, detail=True) for q in QUESTIONS for a in ("Paris.", "Rome, Italy.")]
-    stats = PassStats()
-    scores, gens = score_and_generate(
-        model, formatter, items, QUESTIONS, max_new_tokens=6, batch_size=2, stats=stats
-    )
-    assert gens == generate(model, formatter, QUESTIONS, max_new_tokens=6)
-    assert any(gens) and 0 < stats.generated <= 18
-    alone = score(model, formatter, items, batch_size=2, share_prompts=False)
-    for a, b in zip(alone, scores, strict=True):
-        assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
-    # a question with no scored answer is still generated for; flat mode gives the same answers
-    _, more = score_and_generate(model, formatter, items[:1], QUESTIONS[::-1], max_new_tokens=6)
-    assert more == gens[::-1]
-    _, flat = score_and_generate(
-        model, formatter, items, QUESTIONS, max_new_tokens=6, share_prompts=False
-    )
-    assert flat == gens
-
-
-def test_grad_norms_by_hand_and_model_left_as_it_was(tiny):
-    model, formatter = tiny
-    items = [*_items()[:3], _items()[4]]  # QA answers and a document
-    flags = [p.requires_grad for p in model.parameters()]
-    before = [p.detach().clone() for p in model.parameters()]
-    norms = grad_norms(model, formatter, items)
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-    params = list(model.parameters())
-    for item, norm in zip(items, norms, strict=True):
-        target, _, _ = _hand_score(model, formatter, item)
-        tok = formatter.tokenizer
-        if item.question is None:
-            ids = [tok.bos_token_id, *target]
-        else:
-            ids = formatter.encode_qa(item.question, item.answer)[0] + target
-        with torch.enable_grad():
-            for p in params:
-                p.requires_grad_(True)
-            logits = model(torch.tensor([ids])).logits[0, len(ids) - len(target) - 1 : -1]
-            loss = F.cross_entropy(logits.float(), torch.tensor(target))
-            grads = torch.autograd.grad(loss, params)
-            for p, flag in zip(params, flags, strict=True):
-                p.requires_grad_(flag)
-        expected = math.sqrt(sum(float(g.square().sum()) for g in grads))
-        assert norm == pytest.approx(expected, rel=1e-4)
-    assert len(set(norms)) == len(norms)
 
 
 def test_evaluate_gradient_norm_attack_on_request(people_evals, tiny_model_dir, tmp_path):
@@ -432,7 +106,7 @@ def _score(mean_lp: float, n: int, detail: bool = False, shift: float = 0.0) -> 
             top1=[k % 2 == 0 for k in range(n)],
             vocab_mu=[-3.0] * n,
             vocab_sigma=[1.0] * n,
-            keyword_mask=[k >= n - 2 for k in range(n)],
+            tokens=["the", *(["Ġthe"] * (n - 3)), "ĠParis", "ĠLyon"],  # key words: the last 2
         )
     return d
 
@@ -803,29 +477,38 @@ def test_no_overwrite_refuses_existing_evaluation(people_evals, tiny_model_dir):
 
 
 # ---------------------------------------------------------------------------- CLI
-def test_cli_eval_prints_metrics(capsys, tiny_model_dir, tmp_path):
+def test_cli_eval_prints_key_metrics_table_and_truncation(capsys, tiny_model_dir, tmp_path):
     out = tmp_path / "ev"
-    code = main(
-        [
-            "eval",
-            "--model",
-            str(tiny_model_dir),
-            "--benchmark",
-            "people",
-            "--output",
-            str(out),
-            "--max-new-tokens",
-            "4",
-        ]
-    )
+    args = ["eval", "--model", str(tiny_model_dir), "--benchmark", "people", "--output", str(out)]
+    # a prompt cap that cuts sequences: counted and reported, never silent
+    code = main([*args, "generation.max_new_tokens=4", "prompt.max_length=80"])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     lines = stdout.splitlines()
-    assert any(line.startswith("model_utility: ") for line in lines)
-    assert any(line.startswith("mia_min_k_auc: ") for line in lines)
+    table = {line.split()[0]: line.split()[1] for line in lines if line and line[0].isalpha()}
+    for key in ("model_utility", "forget_probability", "forget_extraction_strength"):
+        assert key in table and float(table[key]) >= 0, key
     assert any(line.startswith("skipped forget_quality: ") and NO_REF in line for line in lines)
-    assert f"saved: {out}" in lines
-    assert (out / "results.json").is_file()
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["generation"]["max_new_tokens"] == 4
+    assert res["settings"]["prompt"]["max_length"] == 80
+    cut = res["pass"]["truncated"]
+    assert cut > 0
+    assert any(line.startswith(f"warning: {cut} sequences were cut") for line in lines)
+    assert lines[-1] == f"saved: {out}"
+    # the same folder again: refused without --overwrite, one line
+    code = main([*args, "generation.max_new_tokens=4"])
+    _, err = capsys.readouterr()
+    assert code != 0 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_eval_rejects_unknown_setting_with_valid_keys(capsys, tiny_model_dir, tmp_path):
+    args = ["eval", "--model", str(tiny_model_dir), "--output", str(tmp_path / "ev")]
+    code = main([*args, "generation.max_new_token=4"])
+    _, err = capsys.readouterr()
+    assert code != 0
+    assert "generation.max_new_token" in err and "max_new_tokens" in err
+    assert not (tmp_path / "ev").exists()
 
 
 def test_cli_eval_unknown_benchmark_is_one_error_line(capsys, tiny_model_dir, tmp_path):
@@ -876,7 +559,7 @@ def test_tofu_forget01_small(tiny_model_dir, tmp_path):
         split="forget01",
         data_dir=str(TOFU),
         limit=4,
-        max_new_tokens=2,
+        overrides=["generation.max_new_tokens=2"],
         progress=False,
     )
     for key in (
@@ -892,3 +575,121 @@ def test_tofu_forget01_small(tiny_model_dir, tmp_path):
     assert res["benchmark"] == "tofu" and res["split"] == "forget01"
     assert all(d["n"] == 4 for d in res["datasets"].values())
     assert NO_REF in res["skipped"]["forget_quality"]
+
+
+# ---------------------------------------------------------------------------- eval settings
+EXAMPLE_EVAL = Path(__file__).resolve().parents[1] / "examples" / "eval_openunlearning_tofu.yaml"
+
+
+def test_eval_defaults_follow_tofu_and_the_models_training_prompt():
+    cfg = resolve_eval_config(model="m", output="o")
+    assert cfg.generation.max_new_tokens == 200
+    assert cfg.prompt.max_length == 512
+    assert cfg.score.end_of_turn is True
+    assert cfg.overwrite is False
+    trained = PromptConfig(template="plain", system_prompt="Be brief.", max_length=256)
+    # the model's training template and system prompt, but eval's own length cap
+    assert cfg.prompt.resolve(trained) == PromptConfig("plain", "Be brief.", 512)
+    assert cfg.prompt.resolve(None) == PromptConfig(max_length=512)
+    cfg = resolve_eval_config(
+        model="m", output="o", overrides=["prompt.system_prompt=none", "prompt.max_length=300"]
+    )
+    assert cfg.prompt.resolve(trained) == PromptConfig("plain", "none", 300)
+
+
+def test_openunlearning_example_config_resolves_to_its_protocol():
+    cfg = resolve_eval_config(EXAMPLE_EVAL, model="m", output="o", split="forget05")
+    assert cfg.prompt.system_prompt == "You are a helpful assistant."
+    assert cfg.prompt.template == "chat"
+    assert cfg.prompt.max_length == 512
+    assert cfg.generation.max_new_tokens == 200
+    assert cfg.score.end_of_turn is True
+    assert (cfg.benchmark, cfg.split) == ("tofu", "forget05")  # arguments beat the file
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("generation.max_new_token=4", "valid keys in 'generation': max_new_tokens"),
+        ("train.lr=1e-5", "valid sections: model, prompt, generation, score"),
+        ("score.end_of_turn=maybe", "score.end_of_turn"),
+        ("generation.max_new_tokens=0", "at least 1"),
+        ("speed=3", "top-level keys"),
+    ],
+)
+def test_eval_settings_are_checked(override, message):
+    with pytest.raises(UnlearnError, match=message):
+        resolve_eval_config(model="m", output="o", overrides=[override])
+
+
+def test_overwrite_replaces_the_evaluation_and_drops_stale_records(tiny_model_dir, tmp_path):
+    rows = [
+        {"question": f"Where was person {i} born?", "answer": f"In town {i}."} for i in range(3)
+    ]
+    forget = write_jsonl(tmp_path / "f.jsonl", rows)
+    holdout = write_jsonl(tmp_path / "h.jsonl", rows[::-1])
+    out = tmp_path / "ev"
+    evaluate(str(tiny_model_dir), str(out), forget=str(forget), holdout=str(holdout), **FAST)
+    assert (out / "records" / "holdout.jsonl").is_file()
+    with pytest.raises(UnlearnError, match="--overwrite"):
+        evaluate(str(tiny_model_dir), str(out), forget=str(forget), **FAST)
+    res = evaluate(str(tiny_model_dir), str(out), forget=str(forget), overwrite=True, **FAST)
+    assert sorted(p.name for p in (out / "records").iterdir()) == ["forget.jsonl"]
+    assert "mia" in res["skipped"]
+    # any non-empty folder is refused, not only an evaluation
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("x")
+    with pytest.raises(UnlearnError, match="already holds files; pass --overwrite"):
+        evaluate(str(tiny_model_dir), str(other), forget=str(forget), **FAST)
+
+
+def test_examples_text_saved_only_when_asked_and_shown_by_report(
+    people_evals, tiny_model_dir, tmp_path
+):
+    _, _, ref, tgt = people_evals
+    assert "examples" not in ref and "examples" not in tgt  # default: no data text in results
+    out = tmp_path / "ev"
+    res = evaluate(str(tiny_model_dir), str(out), benchmark="people", examples=2, **FAST)
+    forget = people_suite().get("forget")
+    shown = res["examples"]["forget"]
+    assert [e["question"] for e in shown] == [r["question"] for r in forget.rows[:2]]
+    assert all(set(e) == {"id", "question", "answer", "generation"} for e in shown)
+    assert "holdout" not in res["examples"]  # nothing generated there
+    build_report([str(out)], str(tmp_path / "rep"), show_examples=True)
+    assert forget.rows[0]["question"] in (tmp_path / "rep" / "report.md").read_text()
+    build_report([str(out)], str(tmp_path / "hidden"))
+    assert forget.rows[0]["question"] not in (tmp_path / "hidden" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------- perturbed answers
+def _csv(path: Path, rows: list[dict]) -> str:
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return str(path)
+
+
+def test_csv_perturbed_answers_as_json_lists(tmp_path):
+    rows = [
+        {"question": "Q1?", "answer": "A1.", "perturbed_answer": json.dumps(["B1.", "C1."])},
+        {"question": "Q2?", "answer": "A2.", "perturbed_answer": json.dumps(["B2.", "C2."])},
+    ]
+    s = custom_suite(_csv(tmp_path / "f.csv", rows)).get("forget")
+    assert [r["perturbed_answer"] for r in s.rows] == [["B1.", "C1."], ["B2.", "C2."]]
+    assert s.has_truth_ratio and not s.has_paraphrase  # empty CSV cells are absent, not NaN
+
+
+def test_plain_string_perturbed_answer_is_refused(tmp_path):
+    rows = [{"question": "Q1?", "answer": "A1.", "perturbed_answer": "B1. C1."}]
+    with pytest.raises(UnlearnError, match=r"row 0 perturbed_answer is a plain string.*JSON list"):
+        custom_suite(_csv(tmp_path / "f.csv", rows))
+
+
+def test_ragged_perturbed_answers_are_one_error(tmp_path):
+    rows = [
+        {"question": "Q1?", "answer": "A1.", "perturbed_answer": ["B1.", "C1."]},
+        {"question": "Q2?", "answer": "A2.", "perturbed_answer": ["B2."]},
+    ]
+    with pytest.raises(UnlearnError, match="row 1 has 1 perturbed answers but row 0 has 2"):
+        custom_suite(str(write_jsonl(tmp_path / "f.jsonl", rows)))

@@ -33,6 +33,7 @@ from unlearn.methods import (
     npo,
     simnpo,
 )
+from unlearn.methods.base import RetainTerm
 from unlearn.methods.retain import retain_term
 from unlearn.refusals import load_refusals, pick_refusal
 
@@ -256,7 +257,7 @@ def test_idk_nll_is_nll_on_refusals_plus_retain() -> None:
     close(logs["refusal_nll"], 1.5 * LN2)
     params = idk_nll.IdkNLLParams(gamma=2.0, alpha=0.5)
     close(idk_nll.idk_nll_loss(make_inputs("A", "B"), params)[0], 3 * LN2 + LN2)
-    assert idk_nll.METHOD.forget_target == "refusal"
+    assert idk_nll.METHOD.forget_targets is idk_nll.refusal_targets
 
 
 # ---- gradient direction ----------------------------------------------------------------------------
@@ -325,6 +326,24 @@ def test_needs_retain_and_reference_model() -> None:
     assert not m.needs_retain(build_params(m, {"retain_loss": "none"}))
     assert not m.needs_retain(build_params(m, {"alpha": "0"}))
     assert m.needs_reference_logp
+    assert m.needs(m.params()).reference == ("sequence_logp",)
+    assert m.needs(build_params(m, {"alpha": "0.5"})).retain == RetainTerm(0.5, "nll")
+    assert get_method("grad_diff").needs(build_params("grad_diff", {"alpha": "0"})).retain is None
+
+
+def test_refusal_targets_are_the_methods_hook() -> None:
+    """idk_nll's forget answers come from its own hook: stable per (index, seed), Q/A only."""
+    from unlearn.data import Example
+    from unlearn.errors import UnlearnError
+
+    qa = [Example(str(i), "h", question=f"Q{i}?", answer=f"A{i}.") for i in range(5)]
+    params = idk_nll.IdkNLLParams()
+    first = idk_nll.refusal_targets(qa, params, 3)
+    assert first == idk_nll.refusal_targets(qa, params, 3) and len(first) == 5
+    assert not {e.answer for e in qa} & set(first)
+    doc = [Example("d", "h", text="some document")]
+    with pytest.raises(UnlearnError, match="question/answer"):
+        idk_nll.refusal_targets(doc, params, 0)
 
 
 def test_unknown_method_lists_valid_names() -> None:

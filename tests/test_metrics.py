@@ -329,3 +329,126 @@ def test_privleak_refuses_perfect_reference():
 def test_nan_records_are_a_user_error():
     with pytest.raises(UnlearnError, match="NaN or infinite"):
         metrics.loss_score([[-1.0, float("nan")]])
+
+
+# ---------------------------------------------------------------------------- registry
+import itertools  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from unlearn.metrics import registry as R  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+
+
+class _Tracked(dict):
+    """A record that notes every leaf field read (`answer.top1`, `generation`, ...)."""
+
+    def __init__(self, data: dict, prefix: str, seen: set[str]):
+        super().__init__(data)
+        self._prefix, self._seen = prefix, seen
+
+    def _wrap(self, key, value):
+        path = f"{self._prefix}{key}"
+        if isinstance(value, dict):
+            return _Tracked(value, path + ".", self._seen)
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            return [_Tracked(v, path + ".", self._seen) for v in value]
+        self._seen.add(path)
+        return value
+
+    def __getitem__(self, key):
+        return self._wrap(key, super().__getitem__(key))
+
+    def get(self, key, default=None):
+        return self._wrap(key, super().__getitem__(key)) if key in self else default
+
+
+class _TrackedTexts(list):
+    def __init__(self, texts, seen: set[str]):
+        super().__init__(texts)
+        self._seen = seen
+
+    def __iter__(self):
+        self._seen.add("data.text")
+        return super().__iter__()
+
+    def __getitem__(self, i):
+        self._seen.add("data.text")
+        return super().__getitem__(i)
+
+
+def _score(n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    lp = (-rng.random(n) * 3).round(4).tolist()
+    return {
+        "logprob_sum": float(sum(lp)),
+        "n_tokens": n,
+        "token_logprobs": lp,
+        "top1": [bool(x) for x in rng.random(n) > 0.5],
+        "vocab_mu": [-3.0] * n,
+        "vocab_sigma": [1.0] * n,
+        "tokens": ["Paris", *(["Ġis"] * (n - 2)), "Ġcold"],
+    }
+
+
+def _record(i: int) -> dict:
+    return {
+        "id": str(i),
+        "sha256": "x",
+        "answer": _score(4 + i, i),
+        "paraphrased": _score(3 + i, 10 + i),
+        "perturbed": [_score(2 + i + k, 20 + i + k) for k in range(3)],
+        "generation": "Paris is cold.",
+        "grad_norm": 1.0 + i,
+    }
+
+
+def _set(name: str, role: str, seen: set[str], kind: str = "qa", para: bool = True) -> R.SetData:
+    recs = [_Tracked(_record(i), "", seen) for i in range(4)]
+    texts = _TrackedTexts([f"Paris is cold {i}." for i in range(4)], seen)
+    return R.SetData(name, role, kind, recs, texts, has_paraphrase=para, has_perturbed=True)
+
+
+@pytest.mark.parametrize("metric", R.SET_METRICS, ids=lambda m: m.name)
+def test_every_set_metric_reads_exactly_its_declared_inputs(metric):
+    union: set[str] = set()
+    for name, role in R.SET_ROLES.items():
+        for kind, para in itertools.product(metric.kinds, (True, False)):
+            seen: set[str] = set()
+            out = metric.compute(_set(name, role, seen, kind, para))
+            assert set(out) == set(metric.emits)
+            assert seen <= metric.reads, (name, seen - metric.reads)
+            union |= seen
+    assert union == metric.reads
+
+
+@pytest.mark.parametrize("metric", R.SUITE_METRICS, ids=lambda m: m.name)
+def test_every_suite_metric_reads_exactly_its_declared_inputs(metric):
+    union: set[str] = set()
+    for para in (True, False):
+        seen: set[str] = set()
+        sets = {name: _set(name, role, seen, para=para) for name, role in R.SET_ROLES.items()}
+        reference = {n: [_Tracked(_record(i + 1), "", seen) for i in range(4)] for n in sets}
+        metrics = {key: 0.5 for key in metric.needs_metrics}
+        values, skipped = metric.compute(R.SuiteData(sets, reference, metrics))
+        assert set(values) | set(skipped) == set(metric.keys)
+        assert seen <= metric.reads, seen - metric.reads
+        union |= seen
+    assert union == metric.reads
+
+
+def test_registry_keys_are_unique_and_mapped_keys_exist():
+    keys = [f"{s}_{k}" for s in R.SET_ROLES for m in R.SET_METRICS for k in m.emits]
+    keys += [k for m in R.SUITE_METRICS for k in m.keys]
+    assert len(keys) == len(set(keys))
+    assert set(R.OPENUNLEARNING_KEYS) <= set(keys)
+
+
+def test_docs_key_list_is_generated_from_the_registry():
+    text = DOCS.read_text(encoding="utf-8")
+    assert R.update_docs(text) == text, (
+        "docs/metrics.md is out of date: run `python -m unlearn.metrics.registry docs/metrics.md`"
+    )
+    for gone in ("muse_privleak", "mia_rel_diff"):  # never computed, so never documented as keys
+        assert f"`{gone}`" not in text
+    assert "`{set}_mean_nll`" in text

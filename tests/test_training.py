@@ -281,7 +281,7 @@ def test_output_folder_rules(target_dir, qa_files, tmp_path):
 def test_deferred_retain_pass_adds_up_to_the_joint_loss(name):
     """The loop's two backward passes (forget, then alpha*retain) equal one on the joint loss."""
     from unlearn.methods.base import LossInputs
-    from unlearn.train.loop import _retain_loss
+    from unlearn.methods.retain import retain_term
 
     torch.manual_seed(0)
     f_logits, r_logits = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
@@ -294,6 +294,261 @@ def test_deferred_retain_pass_adds_up_to_the_joint_loss(name):
     forget_part, _ = method.loss(
         LossInputs(f_logits, f_labels, ref_forget_logp=ref, defer_retain=True), params
     )
-    retain_part = _retain_loss(params, r_logits, r_labels, None, {})
+    term = method.needs(params).retain
+    retain_part = term.weight * retain_term(
+        term.kind, LossInputs(r_logits, r_labels, r_logits, r_labels)
+    )
     assert float(forget_part + retain_part) == pytest.approx(float(joint), rel=1e-6)
     assert float(retain_part) != 0
+
+
+# ---- bugs when things go wrong (issue 7) --------------------------------------------------------
+
+
+def _tiny(tiny_model_dir, n: int = 4):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    examples = [Example(str(i), "h", question=f"Q{i}?", answer=f"A{i} b{i}.") for i in range(n)]
+    return model, tok, examples, tokenize_examples(examples, PromptFormatter(tok, PromptConfig()))
+
+
+def _log(folder: Path) -> list[dict]:
+    import json
+
+    return [json.loads(x) for x in (folder / "logs" / "train.jsonl").read_text().splitlines()]
+
+
+def test_resume_refuses_a_changed_config_and_applies_a_changed_lr(target_dir, qa_files, tmp_path):
+    """A changed train.lr used to be silently ignored (optimizer/scheduler state restored)."""
+    forget, retain = qa_files
+    common = [*FAST, "train.max_steps=4", "train.save_every=2", "train.scheduler=constant"]
+    args = (str(target_dir), str(forget), str(retain), "npo", str(tmp_path / "a"))
+
+    def stop(step, logs):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(UnlearnError, match="--resume"):
+        unlearn.forget(*args, overrides=[*common, "train.lr=1e-3"], callbacks=[stop])
+    with pytest.raises(
+        UnlearnError, match=r"method\.beta: 0\.1 -> 0\.2; train\.max_steps: 4 -> 5\)"
+    ):
+        unlearn.forget(
+            *args,
+            overrides=[*common, "train.lr=1e-3", "train.max_steps=5", "method.beta=0.2"],
+            resume=True,
+        )
+    res = unlearn.forget(*args, overrides=[*common, "train.lr=5e-4"], resume=True)
+    assert res.manifest["resumed_from_step"] == 2
+    log = _log(tmp_path / "a")
+    assert [r["lr"] for r in log if "step" in r] == [1e-3, 1e-3, 5e-4, 5e-4]
+    assert {"event": "resume", "from_step": 2, "changed": {"train.lr": 5e-4}} in log
+
+
+def test_ctrl_c_right_after_resume_keeps_the_newest_checkpoint(tiny_model_dir, tmp_path):
+    """With log_every > 1 the interrupt used to be labelled with the last *logged* step."""
+    model, tok, _, items = _tiny(tiny_model_dir)
+    real = get_method("grad_ascent")
+    cfg = TrainConfig(batch_size=1, max_steps=6, save_every=2, log_every=3, progress=False)
+
+    def stop(step, logs):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(UnlearnError, match="after step 4"):
+        train(model, real, real.params(), items, cfg, tmp_path, tok.pad_token_id, callbacks=[stop])
+
+    def interrupted(inputs, params):
+        raise KeyboardInterrupt
+
+    broken = Method("grad_ascent", "test", real.params, interrupted, "none")
+    with pytest.raises(UnlearnError, match="after step 4"):
+        train(model, broken, real.params(), items, cfg, tmp_path, tok.pad_token_id, resume=True)
+    assert latest_checkpoint(tmp_path)[1] == 4
+
+
+def test_nan_gradient_is_caught_without_clipping(tiny_model_dir, tmp_path):
+    """max_grad_norm=0 used to skip the gradient check: a NaN update was applied and saved."""
+    model, tok, _, items = _tiny(tiny_model_dir)
+    real = get_method("grad_ascent")
+    calls = {"n": 0}
+
+    def nan_grad(inputs, params):  # finite loss, NaN gradient: 0 * d sqrt(x)/dx at x = 0
+        calls["n"] += 1
+        loss, logs = real.loss(inputs, params)
+        if calls["n"] == 3:
+            loss = loss + 0.0 * torch.sqrt(inputs.forget_logits.sum() * 0.0)
+        return loss, logs
+
+    broken = Method("nan_grad", "test", real.params, nan_grad, "none")
+    cfg = TrainConfig(batch_size=1, max_steps=4, max_grad_norm=0.0, progress=False)
+    with pytest.raises(TrainingDiverged, match="step 3: gradient norm is nan"):
+        train(model, broken, real.params(), items, cfg, tmp_path, tok.pad_token_id)
+    assert latest_checkpoint(tmp_path)[1] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- the method contract: each need is a declaration, provided by the loop ------------------------
+# Tiny unregistered methods stand in for the real DPO / RMU / GRIN of later issues.
+
+from dataclasses import dataclass  # noqa: E402
+
+from unlearn import losses  # noqa: E402
+from unlearn.methods.base import Needs, RetainTerm  # noqa: E402
+
+
+@dataclass(frozen=True)
+class _NoParams:
+    pass
+
+
+def _run(model, tok, items, method, tmp_path, **kw):
+    cfg = TrainConfig(batch_size=2, max_steps=2, progress=False, lr=1e-2, **kw.pop("cfg", {}))
+    return train(model, method, _NoParams(), items, cfg, tmp_path, tok.pad_token_id, **kw)
+
+
+def test_cached_reference_values_come_from_the_start_without_a_second_model(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """sequence log-prob, per-token log-probs and logits of the starting model, in one pass."""
+    import unlearn.train.loop as loop
+
+    monkeypatch.setattr(loop, "frozen_copy", lambda *a: pytest.fail("kept a second model"))
+    model, tok, _, items = _tiny(tiny_model_dir)
+    seen = []
+
+    def loss(inputs, params):
+        ref, logits, labels = inputs.ref_forget, inputs.forget_logits, inputs.forget_labels
+        token_logp, _ = losses.token_logprobs(logits, labels)
+        assert ref["token_logp"].shape == token_logp.shape and ref["logits"].shape == logits.shape
+        assert torch.equal(ref["sequence_logp"], inputs.ref_forget_logp)
+        seen.append(
+            (
+                torch.allclose(ref["logits"], logits.detach(), atol=1e-5),
+                torch.allclose(ref["token_logp"], token_logp.detach(), atol=1e-5),
+                torch.allclose(ref["sequence_logp"], token_logp.detach().sum(-1), atol=1e-4),
+            )
+        )
+        return -losses.nll(logits, labels), {}
+
+    needs = Needs(reference=("sequence_logp", "token_logp", "logits"))
+    method = Method("ref_dummy", "test", _NoParams, loss, "none", needs=lambda p: needs)
+    _run(model, tok, items, method, tmp_path)
+    assert seen[0] == (True, True, True)  # first batch: the model is still the reference
+    assert seen[1] == (False, False, False)  # after one step: cached, not recomputed
+
+
+def test_second_target_is_forwarded_with_its_own_reference_values(
+    target_dir, qa_files, tmp_path, monkeypatch
+):
+    """A DPO-shaped method: the hook gives each forget example a second answer; both forwarded."""
+    forget, _ = qa_files
+    seen = []
+
+    def second_targets(examples, params, seed):
+        return [f"I cannot say, {i}." for i in range(len(examples))]
+
+    def loss(inputs, params):
+        s_logp, _ = losses.sequence_logprob(inputs.second_logits, inputs.second_labels)
+        f_logp, _ = losses.sequence_logprob(inputs.forget_logits, inputs.forget_labels)
+        assert inputs.second_logits.shape[0] == inputs.forget_logits.shape[0]
+        seen.append(torch.allclose(inputs.ref_second["sequence_logp"], s_logp.detach(), atol=1e-4))
+        seen.append(torch.allclose(inputs.ref_forget_logp, f_logp.detach(), atol=1e-4))
+        margin = (s_logp - inputs.ref_second["sequence_logp"]) - (f_logp - inputs.ref_forget_logp)
+        return -torch.nn.functional.logsigmoid(margin).mean(), {}
+
+    needs = Needs(reference=("sequence_logp",), second_target=True)
+    method = Method(
+        "dpo_dummy", "test", _NoParams, loss, "none", needs=lambda p: needs,
+        second_targets=second_targets,
+    )  # fmt: skip
+    monkeypatch.setitem(METHODS, "dpo_dummy", method)
+    unlearn.forget(
+        str(target_dir), str(forget), None, "dpo_dummy", str(tmp_path / "o"),
+        overrides=[*FAST, "train.max_steps=2", "train.lr=1e-2"],
+    )  # fmt: skip
+    assert seen[:2] == [True, True] and seen[2:4] != [True, True]
+    model, tok, _, items = _tiny(target_dir)
+    with pytest.raises(UnlearnError, match="second answer"):
+        _run(model, tok, items, method, tmp_path / "p")  # the loop refuses a missing second target
+
+
+def test_hidden_states_and_a_custom_retain_term(tiny_model_dir, tmp_path):
+    """An RMU-shaped method: named layers' hidden states from the model and a frozen reference."""
+    model, tok, _, items = _tiny(tiny_model_dir, 6)
+    calls = {"forget": [], "retain": []}
+
+    def loss(inputs, params):
+        h, ref = inputs.forget_hidden[1], inputs.ref_forget_hidden[1]
+        assert h.shape == (*inputs.forget_labels.shape, 32) and not ref.requires_grad
+        calls["forget"].append(torch.allclose(h, ref, atol=1e-5))
+        return (h - torch.ones_like(h)).pow(2).mean(), {}  # towards a control vector, as RMU
+
+    def retain_mse(inputs):
+        h, ref = inputs.retain_hidden[1], inputs.ref_retain_hidden[1]
+        calls["retain"].append(torch.allclose(h, ref, atol=1e-5))
+        return (h - ref).pow(2).mean()
+
+    needs = Needs(
+        retain=RetainTerm(weight=2.0, kind="hidden_mse", loss=retain_mse),
+        hidden_layers=(1,),
+        reference_hidden_layers=(1,),
+    )
+    method = Method("rmu_dummy", "test", _NoParams, loss, "none", needs=lambda p: needs)
+    res = _run(model, tok, items[:4], method, tmp_path, retain=items[4:])
+    assert calls["forget"][0] and not calls["forget"][-1]  # frozen reference, moving model
+    assert calls["retain"][0] and not calls["retain"][-1]
+    assert res.final_logs["retain_loss"] > 0
+
+
+def test_parameter_mask_limits_updates_decay_and_optimizer_state(tiny_model_dir, tmp_path):
+    """A GRIN-shaped method: only the selected entries change, even under weight decay."""
+    model, tok, _, items = _tiny(tiny_model_dir)
+    name = "model.layers.0.mlp.down_proj.weight"
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    mask = torch.zeros_like(before[name], dtype=torch.bool)
+    mask[:3] = True
+
+    def pick(model, params):
+        return {name: mask, "model.norm.weight": torch.zeros_like(before["model.norm.weight"])}
+
+    ga = get_method("grad_ascent")
+    method = Method("grin_dummy", "test", _NoParams, ga.loss, "none", parameter_mask=pick)
+    _run(model, tok, items, method, tmp_path, cfg={"weight_decay": 0.5, "save_every": 1})
+    after = dict(model.named_parameters())
+    assert not torch.equal(after[name][mask], before[name][mask])
+    assert torch.equal(after[name][~mask], before[name][~mask])
+    assert all(torch.equal(after[k], before[k]) for k in before if k != name)
+    assert all(p.requires_grad for p in model.parameters())  # frozen only while training
+    state = torch.load(tmp_path / "checkpoints" / "step-1" / "optimizer.bin", weights_only=False)[
+        "state"
+    ]
+    assert len(state) == 1  # optimizer state only for the one tensor with selected entries
+
+
+def test_shards_keep_the_global_batch_mean():
+    """Each rank's weight makes the ranks' average the global mean; no example is duplicated."""
+    from unlearn.train.schedule import shard
+
+    assert shard([7, 8, 9], 0, 2) == ([7, 9], 4 / 3) and shard([7, 8, 9], 1, 2) == ([8], 2 / 3)
+    assert shard([5], 1, 2) == ([5], 0.0)  # takes part in the all-reduce, contributes nothing
+    losses_ = {7: 1.0, 8: 2.0, 9: 6.0}
+    per_rank = [
+        w * sum(losses_[i] for i in m) / len(m) for m, w in (shard([7, 8, 9], r, 2) for r in (0, 1))
+    ]
+    assert sum(per_rank) / 2 == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP"])
+def test_deepspeed_and_fsdp_are_refused_in_one_line(kind):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from unlearn.train.loop import _refuse_unsupported
+
+    with pytest.raises(UnlearnError, match=r"not supported yet.*DDP"):
+        _refuse_unsupported(SimpleNamespace(distributed_type=DistributedType[kind]))
+    _refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))

@@ -9,11 +9,23 @@ overrides), same checks, same outputs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from unlearn.config import RunConfig, apply_overrides, build_config, load_yaml
+from unlearn.config import (
+    EVAL_SCALARS,
+    EVAL_SECTIONS,
+    EvalConfig,
+    RunConfig,
+    apply_overrides,
+    build_config,
+    build_eval_config,
+    load_yaml,
+)
 from unlearn.train.loop import StepCallback
 from unlearn.train.run import Plan, RunResult, execute, plan_run
+
+if TYPE_CHECKING:
+    from unlearn.eval.suites.builders import Suite
 
 __all__ = ["Plan", "RunResult", "finetune", "forget", "resolve_config"]
 
@@ -69,7 +81,8 @@ def forget(
     """Unlearn `forget` from `model` with `method`, keeping `retain`; write the result to `output`.
 
     `overrides` are dotted `section.key=value` strings (`method.beta=0.2`, `train.lr=1e-5`).
-    Returns the output folder and the run's metrics (final losses, forget/retain NLL before/after);
+    Returns the output folder and the run's metrics (final losses, forget/retain NLL before/after
+    unless `train.nll_check=false`; the manifest's `seconds` says what each phase cost);
     with `dry_run`, the validated Plan instead, having loaded no model and written nothing.
     """
     cfg = resolve_config(
@@ -115,3 +128,87 @@ def finetune(
     )
     plan = plan_run(cfg, "finetune")
     return plan if dry_run else execute(plan, callbacks=callbacks)
+
+
+# ---------------------------------------------------------------------------- evaluate, report
+__all__ += ["evaluate", "report", "resolve_eval_config"]
+
+#: `evaluate` arguments that are top-level keys of the eval config (the rest go in sections).
+_EVAL_FIELDS = (
+    "output",
+    "benchmark",
+    "split",
+    "data_dir",
+    "forget",
+    "retain",
+    "holdout",
+    "reference",
+    "name",
+    "limit",
+    "mia_gradnorm",
+    "examples",
+    "overwrite",
+)
+
+
+def resolve_eval_config(
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    **fields: Any,
+) -> EvalConfig:
+    """`unlearn eval`'s settings: YAML file (or dict) < explicit arguments < dotted overrides."""
+    tree: dict[str, Any] = {}
+    if isinstance(config, dict):
+        tree = dict(config)
+    elif config is not None:
+        tree = load_yaml(config)
+    flat = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key == "model":
+            tree["model"] = {**(tree.get("model") or {}), "name": str(value)}
+        elif key in _EVAL_FIELDS:
+            tree[key] = value
+        else:
+            flat.append(f"{key}={value}")  # rejected below with the list of valid keys
+    tree = apply_overrides(
+        tree, [*flat, *overrides], sections=list(EVAL_SECTIONS), scalars=EVAL_SCALARS
+    )
+    return build_eval_config(tree)
+
+
+def evaluate(
+    model: str | None = None,
+    output: str | None = None,
+    *,
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    suite: Suite | None = None,
+    progress: bool = True,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Evaluate `model` on a benchmark; write results.json and records to `output`; return results.
+
+    `fields` are the eval config's top-level keys (benchmark, split, data_dir, forget, retain,
+    holdout, reference, name, limit, mia_gradnorm, examples, overwrite); `overrides` the dotted
+    settings (`generation.max_new_tokens=200`, `prompt.system_prompt=...`, `score.end_of_turn=false`).
+    Defaults follow TOFU / OpenUnlearning (docs/metrics.md). `suite` replaces the benchmark by a
+    prebuilt suite. Refuses a non-empty `output` unless `overwrite=True`.
+    """
+    from unlearn.eval.run import run_evaluation
+
+    cfg = resolve_eval_config(config, overrides, model=model, output=output, **fields)
+    return run_evaluation(cfg, suite=suite, progress=progress)
+
+
+def report(
+    eval_dirs: list[str] | list[Path], output: str | Path, show_examples: bool = False
+) -> dict[str, Any]:
+    """Write report.md, report.html and summary.json comparing evaluations; return the summary.
+
+    `show_examples` includes the examples' text that evaluations saved with `examples=N`.
+    """
+    from unlearn.report.build import build_report
+
+    return build_report(list(eval_dirs), output, show_examples=show_examples)

@@ -50,6 +50,15 @@ def _finish(result) -> None:
         if key in after:
             b = f"{before[key]:.4f} -> " if key in before else ""
             typer.echo(f"{key}: {b}{after[key]:.4f}")
+    seconds = dict(result.manifest.get("seconds") or {})
+    if seconds:
+        ref = seconds.pop("reference", None)  # spent inside "train", before its first step
+        phases = [
+            f"{k} {v:.1f}" + (f" (reference pass {ref:.1f})" if k == "train" and ref else "")
+            for k, v in seconds.items()
+        ]
+        total = result.manifest.get("wall_seconds", 0)
+        typer.echo(f"seconds: {', '.join(phases)}; total {total:.1f}")
 
 
 @app.command()
@@ -120,13 +129,64 @@ def finetune(
         _finish(result)
 
 
+#: The rows `unlearn eval` prints (every other metric is in results.json).
+KEY_METRICS = (
+    "forget_quality",
+    "model_utility",
+    "forget_probability",
+    "forget_truth_ratio",
+    "forget_rouge_l_recall",
+    "forget_extraction_strength",
+    "privleak",
+    "mia_min_k_auc",
+    "mia_loss_auc",
+    "mia_zlib_auc",
+    "mia_min_k_plus_plus_auc",
+    "mia_reference_auc",
+    "mia_gradnorm_auc",
+    "retain_rouge_l_recall",
+)
+
+
+def print_eval_summary(res: dict, output: str) -> None:
+    """Key metrics as a table, then what was skipped and why, then the truncation count."""
+    rows = [(k, res["metrics"][k]) for k in KEY_METRICS if k in res["metrics"]]
+    if rows:
+        width = max(len(k) for k, _ in rows)
+        typer.echo(f"{'metric':<{width}}  value")
+        for key, value in rows:
+            shown = f"{value:.2e}" if key == "forget_quality" else f"{value:.4f}"
+            typer.echo(f"{key:<{width}}  {shown}")
+    for key, why in res["skipped"].items():
+        typer.echo(f"skipped {key}: {why}")
+    cut = res.get("pass", {}).get("truncated", 0)
+    if cut:
+        max_length = res.get("settings", {}).get("prompt", {}).get("max_length")
+        typer.echo(
+            f"warning: {cut} sequences were cut to prompt.max_length={max_length}; their scores "
+            "miss the cut tokens (raise prompt.max_length)"
+        )
+    typer.echo(f"saved: {output}")
+
+
 @app.command("eval")
 def eval_(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Dotted overrides, e.g. generation.max_new_tokens=200 prompt.max_length=512 "
+            "prompt.system_prompt='You are a helpful assistant.' score.end_of_turn=false",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigOpt = None,
     model: Annotated[
-        str, typer.Option(help="The model to evaluate (folder, hub id, .gguf, alias).")
-    ],
-    output: Annotated[str, typer.Option("--output", "-o", help="Evaluation folder to write.")],
-    benchmark: Annotated[str, typer.Option(help="tofu | people | custom.")] = "tofu",
+        str | None, typer.Option(help="The model to evaluate (folder, hub id, .gguf, alias).")
+    ] = None,
+    output: OutputOpt = None,
+    benchmark: Annotated[
+        str | None, typer.Option(help="tofu | people | custom (default tofu).")
+    ] = None,
     split: Annotated[str | None, typer.Option(help="Benchmark split, e.g. forget01.")] = None,
     data_dir: Annotated[
         str | None, typer.Option(help="Local folder in the hub's layout (TOFU); else the hub.")
@@ -138,22 +198,39 @@ def eval_(
         str | None, typer.Option(help="Eval folder of the retain (reference) model.")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Display name in reports.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation length for ROUGE.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward batch.")] = 32,
     limit: Annotated[
         int | None, typer.Option(help="Use only the first N rows of each set.")
     ] = None,
     mia_gradnorm: Annotated[
-        bool,
-        typer.Option(help="Also run the gradient-norm attack (a backward pass per example)."),
+        bool | None,
+        typer.Option(
+            "--mia-gradnorm",
+            help="Also run the gradient-norm attack (a backward pass per example).",
+        ),
+    ] = None,
+    examples: Annotated[
+        int | None,
+        typer.Option(
+            help="Save N examples' text per set in results.json for `report --show-examples`."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the evaluation in a non-empty output folder.")
     ] = False,
 ) -> None:
-    """Evaluate a model: one pass per dataset, every metric from the saved records."""
-    from unlearn.eval.run import evaluate
+    """Evaluate a model: one pass per dataset, every metric from the saved records.
 
-    res = evaluate(
-        model,
-        output,
+    Settings come from --config, then these options, then dotted overrides; defaults follow
+    TOFU / OpenUnlearning (200 new tokens, max length 512, end-of-turn tokens scored).
+    """
+    from unlearn import api
+    from unlearn.eval.run import run_evaluation
+
+    cfg = api.resolve_eval_config(
+        config,
+        overrides or [],
+        model=model,
+        output=output,
         benchmark=benchmark,
         split=split,
         data_dir=data_dir,
@@ -162,26 +239,12 @@ def eval_(
         holdout=holdout,
         reference=reference,
         name=name,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
         limit=limit,
         mia_gradnorm=mia_gradnorm,
+        examples=examples,
+        overwrite=overwrite or None,
     )
-    keys = [
-        "forget_quality",
-        "model_utility",
-        "forget_rouge_l_recall",
-        "forget_truth_ratio",
-        "retain_rouge_l_recall",
-        "privleak",
-        "mia_min_k_auc",
-    ]
-    for k in keys:
-        if k in res["metrics"]:
-            typer.echo(f"{k}: {res['metrics'][k]:.4g}")
-    for k, why in res["skipped"].items():
-        typer.echo(f"skipped {k}: {why}")
-    typer.echo(f"saved: {output}")
+    print_eval_summary(run_evaluation(cfg), cfg.output)
 
 
 @app.command()
@@ -191,13 +254,17 @@ def report(
     ],
     output: Annotated[str, typer.Option("--output", "-o", help="Report folder.")] = "report",
     show_examples: Annotated[
-        bool, typer.Option(help="Include forget-set questions, answers and generations.")
+        bool,
+        typer.Option(
+            help="Include the examples' text (questions, answers, generations) that evaluations "
+            "saved with `--examples N`."
+        ),
     ] = False,
 ) -> None:
     """Write report.md, report.html and summary.json comparing evaluated models."""
-    from unlearn.report.build import build_report
+    from unlearn import api
 
-    build_report(eval_dirs, output, show_examples=show_examples)
+    api.report(eval_dirs, output, show_examples=show_examples)
     typer.echo(f"saved: {output}/report.html, {output}/report.md, {output}/summary.json")
 
 

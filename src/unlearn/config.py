@@ -24,7 +24,10 @@ class ModelConfig:
     """Which model to start from and how to load it.
 
     name: hub id, local HF folder, `.gguf` file, or a built-in alias (`smollm2-135m`).
-    dtype: "auto" is float32 on CPU and the checkpoint's dtype on GPU.
+    dtype: "auto" is float32 on CPU (bfloat16 is ~30x slower there) and the checkpoint's dtype
+        on a CUDA GPU; a bfloat16 checkpoint on a GPU without bfloat16 runs in float32 (float16
+        would overflow its range). `--dry-run` prints the resolved dtype and device.
+    device: "auto" is this process's GPU (cuda:LOCAL_RANK under `accelerate launch`), else CPU.
     """
 
     name: str = ""
@@ -69,7 +72,16 @@ class PromptConfig:
 
 @dataclass
 class TrainConfig:
-    """The shared training loop's settings (fine-tuning and every unlearning method)."""
+    """The shared training loop's settings (fine-tuning and every unlearning method).
+
+    warmup_ratio: share of the optimizer steps spent warming up, in [0, 1]; 1.0 warms up over the
+        whole run (TOFU's recipe warms up for one epoch). warmup_steps, when set, wins over it.
+    nll_check: measure forget and retain NLL (up to 64 sequences each) before and after training,
+        shown by `unlearn forget` and kept in the manifest. It costs 4 forward passes over up to
+        128 sequences: 30 s for TOFU forget01 + retain99 with SmolLM2-135M on 2 CPU cores, as
+        much as ~6 NPO steps at batch 4 (the manifest's `seconds.nll_check` says what it cost
+        you). false skips it.
+    """
 
     epochs: int = 1
     max_steps: int | None = None
@@ -79,12 +91,20 @@ class TrainConfig:
     weight_decay: float = 0.01
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_ratio: float = 0.0
+    warmup_steps: int | None = None
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 0
     log_every: int = 1
     keep_checkpoints: bool = False
     progress: bool = True
+    nll_check: bool = True
+
+    def num_warmup_steps(self, total: int) -> int:
+        """Warm-up optimizer steps for a run of `total`: `warmup_steps` wins over the ratio."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(self.warmup_ratio * total)
 
 
 @dataclass
@@ -146,8 +166,20 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings to a nested dict (a copy)."""
+def apply_overrides(
+    tree: dict[str, Any],
+    overrides: list[str],
+    *,
+    sections: list[str] | None = None,
+    scalars: set[str] | None = None,
+) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a nested dict (a copy).
+
+    `sections`/`scalars` name the valid keys of another config tree (e.g. `unlearn eval`'s);
+    by default those of a training run.
+    """
+    valid_sections = [*_SECTIONS, "method"] if sections is None else sections
+    valid_scalars = _SCALARS if scalars is None else scalars
     tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
     for item in overrides:
         if "=" not in item:
@@ -157,20 +189,19 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) == 1:
-            if parts[0] not in _SCALARS:
+            if parts[0] not in valid_scalars:
                 raise UnlearnError(
                     f"unknown config key '{parts[0]}'; top-level keys: "
-                    f"{', '.join([*_SECTIONS, 'method', *sorted(_SCALARS)])}"
+                    f"{', '.join([*valid_sections, *sorted(valid_scalars)])}"
                 )
             tree[parts[0]] = _parse_value(raw)
             continue
         if len(parts) != 2:
             raise UnlearnError(f"override key '{key}' must be section.key (e.g. train.lr=1e-5)")
         section, name = parts
-        if section not in _SECTIONS and section != "method":
+        if section not in valid_sections:
             raise UnlearnError(
-                f"unknown config section '{section}'; valid sections: "
-                f"{', '.join([*_SECTIONS, 'method'])}"
+                f"unknown config section '{section}'; valid sections: {', '.join(valid_sections)}"
             )
         current = tree.get(section) or {}
         current = dict(current)
@@ -234,8 +265,19 @@ def validate_train(train: TrainConfig) -> None:
         raise UnlearnError(f"train.epochs must be at least 1, got {train.epochs}")
     if train.max_steps is not None and train.max_steps < 1:
         raise UnlearnError(f"train.max_steps must be at least 1, got {train.max_steps}")
-    if not 0 <= train.warmup_ratio < 1:
-        raise UnlearnError(f"train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}")
+    if not 0 <= train.warmup_ratio <= 1:
+        raise UnlearnError(
+            f"train.warmup_ratio must be in [0, 1] (1.0 warms up over the whole run), got "
+            f"{train.warmup_ratio}"
+        )
+    if train.warmup_steps is not None and train.warmup_steps < 0:
+        raise UnlearnError(f"train.warmup_steps must be >= 0 (or null), got {train.warmup_steps}")
+    warms_up = train.warmup_ratio > 0 or bool(train.warmup_steps)
+    if warms_up and train.scheduler == "constant":
+        raise UnlearnError(
+            "train.scheduler=constant ignores warm-up; use train.scheduler=constant_with_warmup, "
+            "or drop train.warmup_ratio/warmup_steps"
+        )
     if train.max_grad_norm < 0:
         raise UnlearnError("train.max_grad_norm must be >= 0 (0 disables clipping)")
 
@@ -245,3 +287,126 @@ def to_dict(cfg: Any) -> Any:
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         return {k: to_dict(v) for k, v in dataclasses.asdict(cfg).items()}
     return cfg
+
+
+# ---------------------------------------------------------------------------- `unlearn eval`
+# The evaluation's own config tree (engineer C). Defaults follow the TOFU / OpenUnlearning protocol.
+
+#: Token cap of one prompt + answer when evaluating: TOFU's and OpenUnlearning's 512. Training's
+#: default is 256 (PromptConfig) to save compute; an evaluation must see whole answers.
+EVAL_MAX_LENGTH = 512
+
+
+@dataclass
+class EvalPromptConfig:
+    """The prompt of an evaluation.
+
+    template, system_prompt: None uses the evaluated model's own training settings (the `prompt`
+        of its unlearn.json), else PromptConfig's defaults, so a fine-tuned model is asked questions
+        the way it learned them.
+    max_length: EVAL_MAX_LENGTH (512) unless set; sequences cut by it are counted and reported.
+    """
+
+    template: Literal["auto", "chat", "plain"] | None = None
+    system_prompt: str | None = None
+    max_length: int = EVAL_MAX_LENGTH
+
+    def resolve(self, trained: PromptConfig | None) -> PromptConfig:
+        """The PromptConfig to evaluate with, given the model's training prompt (if any)."""
+        base = trained or PromptConfig()
+        return PromptConfig(
+            template=self.template or base.template,
+            system_prompt=base.system_prompt if self.system_prompt is None else self.system_prompt,
+            max_length=self.max_length,
+        )
+
+
+@dataclass
+class GenerationConfig:
+    """Greedy generation for the ROUGE and keyword metrics (TOFU's / OpenUnlearning's 200 tokens).
+
+    batch_size: sequences per forward batch, for teacher-forced scoring and generation alike.
+    """
+
+    max_new_tokens: int = 200
+    batch_size: int = 32
+
+
+@dataclass
+class ScoreConfig:
+    """Which tokens teacher-forced scoring counts (probability, truth ratio, MIA, memorization).
+
+    end_of_turn: true (default, the TOFU / OpenUnlearning protocol) scores every label token after
+        the prompt: the answer, the template's end-of-turn marker and what the template appends
+        after it (ChatML: `<|im_end|>` and a newline). false scores the answer text only.
+    """
+
+    end_of_turn: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Everything one `unlearn eval` needs: sections plus the benchmark's top-level keys.
+
+    examples: save the first N rows of each question/answer set (question, reference answer,
+        generation) in results.json for `unlearn report --show-examples`; 0 (default) keeps the
+        data's text out of results.json.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: EvalPromptConfig = field(default_factory=EvalPromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    benchmark: str = "tofu"
+    split: str | None = None
+    data_dir: str | None = None
+    forget: str | None = None
+    retain: str | None = None
+    holdout: str | None = None
+    reference: str | None = None
+    name: str | None = None
+    limit: int | None = None
+    mia_gradnorm: bool = False
+    examples: int = 0
+    output: str = ""
+    overwrite: bool = False
+
+
+EVAL_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "prompt": EvalPromptConfig,
+    "generation": GenerationConfig,
+    "score": ScoreConfig,
+}
+EVAL_SCALARS = {f.name for f in dataclasses.fields(EvalConfig)} - set(EVAL_SECTIONS)
+
+
+def build_eval_config(tree: dict[str, Any]) -> EvalConfig:
+    """Turn a nested dict (YAML plus overrides) into a validated EvalConfig."""
+    valid_top = [*EVAL_SECTIONS, *sorted(EVAL_SCALARS)]
+    unknown = sorted(set(tree) - set(valid_top))
+    if unknown:
+        raise UnlearnError(
+            f"unknown eval config key '{unknown[0]}'; top-level keys: {', '.join(valid_top)}"
+        )
+    values: dict[str, Any] = {k: tree[k] for k in EVAL_SCALARS if tree.get(k) is not None}
+    for name, cls in EVAL_SECTIONS.items():
+        if tree.get(name) is not None:
+            values[name] = build_section(cls, tree[name], name)
+    cfg: EvalConfig = build_section(EvalConfig, values, "eval")
+    _validate_eval(cfg)
+    return cfg
+
+
+def _validate_eval(cfg: EvalConfig) -> None:
+    """Settings that would only fail after the model has loaded."""
+    checks = [
+        (cfg.generation.max_new_tokens >= 1, "generation.max_new_tokens must be at least 1"),
+        (cfg.generation.batch_size >= 1, "generation.batch_size must be at least 1"),
+        (cfg.prompt.max_length >= 16, "prompt.max_length must be at least 16 (default 512)"),
+        (cfg.limit is None or cfg.limit >= 1, "limit must be at least 1 (or unset for all rows)"),
+        (cfg.examples >= 0, "examples must be >= 0 (0 saves no data text)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UnlearnError(message)

@@ -84,7 +84,6 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo end to end; returns the summary (also in OUTPUT/report/summary.json)."""
     import unlearn
-    from unlearn.eval.run import evaluate
     from unlearn.eval.suites.builders import people_suite
     from unlearn.models import cache_root
     from unlearn.report.build import build_report
@@ -172,7 +171,14 @@ def run_demo(
         ],
     )
     evals = out / "eval"
-    common = {"suite": suite, "max_new_tokens": s.max_new_tokens, "progress": True}
+    # The demo's own evaluation settings (its prompt length, short generations, the answer text
+    # scored without the end-of-turn marker), given explicitly: eval's defaults follow TOFU instead.
+    settings = [
+        f"generation.max_new_tokens={s.max_new_tokens}",
+        f"prompt.max_length={s.max_length}",
+        "score.end_of_turn=false",
+    ]
+    common = {"suite": suite, "overrides": settings, "progress": True, "overwrite": True}
     # Cached evaluations are valid only for the same examples and generation length.
     eval_key = _key([(st.name, st.ids, st.hashes) for st in suite.sets], s.max_new_tokens)
     for name in ("retain", "target"):
@@ -180,7 +186,7 @@ def run_demo(
         ref = None if name == "retain" else str(cache / f"eval-retain-{eval_key}")
         if not (cached / "results.json").is_file():
             print(f"[demo] evaluating the {name} model (cached for later runs)")
-            evaluate(str(models[name]), str(cached), reference=ref, name=name, **common)
+            unlearn.evaluate(str(models[name]), str(cached), reference=ref, name=name, **common)
         if (evals / name).exists():
             shutil.rmtree(evals / name)
         shutil.copytree(cached, evals / name)
@@ -190,7 +196,7 @@ def run_demo(
             res["reference"] = str(evals / "retain")
             atomic_write_text(res_file, json.dumps(res, indent=2) + "\n")
     print("[demo] evaluating the unlearned model")
-    evaluate(
+    unlearn.evaluate(
         str(unlearned),
         str(evals / "unlearned"),
         reference=str(evals / "retain"),

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,24 +133,108 @@ def local_folder(resolved: ResolvedModel, cfg: ModelConfig) -> str:
     return resolved.path
 
 
-def pick_device(cfg: ModelConfig) -> torch.device:
-    if cfg.device != "auto":
-        if cfg.device == "cuda" and not torch.cuda.is_available():
+def local_cuda_device(env: Mapping[str, str], n_gpus: int) -> torch.device:
+    """This process's GPU: cuda:LOCAL_RANK under `accelerate launch`/torchrun, else cuda:0.
+
+    The model is loaded before accelerate exists, so without this every rank of a multi-process
+    run would first land on GPU 0 (and the reference copy would stay there).
+    """
+    raw = env.get("LOCAL_RANK", "")
+    rank = int(raw) if raw.strip().isdigit() else 0
+    if n_gpus == 1:
+        rank = 0  # one visible GPU per process (CUDA_VISIBLE_DEVICES set by the launcher)
+    if rank >= n_gpus:
+        raise UnlearnError(
+            f"LOCAL_RANK={rank} but only {n_gpus} GPU(s) are visible; launch at most {n_gpus} "
+            "processes per machine (accelerate launch --num_processes)"
+        )
+    return torch.device("cuda", rank)
+
+
+def pick_device(cfg: ModelConfig, env: Mapping[str, str] | None = None) -> torch.device:
+    """model.device resolved: "auto" and "cuda" mean this process's GPU (see local_cuda_device)."""
+    env = os.environ if env is None else env
+    if cfg.device in ("cpu", "mps"):
+        return torch.device(cfg.device)
+    if not torch.cuda.is_available():
+        if cfg.device == "cuda":
             raise UnlearnError(
                 "model.device=cuda, but no CUDA GPU is visible; use model.device=cpu"
             )
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
+    return local_cuda_device(env, torch.cuda.device_count())
 
 
-def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """float32 unless asked: bfloat16 is ~30x slower than float32 on many CPUs."""
-    if cfg.dtype == "auto":
-        return torch.float32
-    dtype = getattr(torch, cfg.dtype)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise UnlearnError("model.dtype=float16 is not supported on CPU; use float32")
-    return dtype
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(
+    requested: str, checkpoint: str | None, device: torch.device, bf16_ok: bool
+) -> tuple[torch.dtype, str | None]:
+    """(dtype, note): what `model.dtype` means on `device` for a checkpoint stored as `checkpoint`.
+
+    "auto" is float32 off CUDA (bfloat16 is ~30x slower than float32 on many CPUs) and the
+    checkpoint's own dtype on CUDA; a bfloat16 checkpoint on a GPU without bfloat16 runs in float32
+    (float16 would overflow values bfloat16 holds), and the note says so.
+    """
+    if requested != "auto":
+        dtype = _DTYPES[requested]
+        if dtype == torch.float16 and device.type == "cpu":
+            raise UnlearnError("model.dtype=float16 is not supported on CPU; use float32")
+        if dtype == torch.bfloat16 and device.type == "cuda" and not bf16_ok:
+            raise UnlearnError(
+                f"model.dtype=bfloat16, but {device} does not support bfloat16; use "
+                "model.dtype=float32 (or float16)"
+            )
+        return dtype, None
+    if device.type != "cuda":
+        return torch.float32, None
+    stored = _DTYPES.get(str(checkpoint or "").replace("torch.", ""))
+    if stored is None:
+        return torch.float32, f"checkpoint dtype {checkpoint!r} unknown; using float32"
+    if stored == torch.bfloat16 and not bf16_ok:
+        return torch.float32, "the checkpoint is bfloat16, which this GPU lacks; using float32"
+    return stored, None
+
+
+def checkpoint_dtype(source: str, cfg: ModelConfig) -> str | None:
+    """The dtype a checkpoint was saved in (config.json's `dtype` or `torch_dtype`), if known."""
+    folder = Path(source)
+    if folder.is_dir():
+        try:
+            data = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data.get("dtype") or data.get("torch_dtype")
+    from transformers import AutoConfig
+
+    try:
+        conf = AutoConfig.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except Exception:
+        return None  # the model load that follows reports the real problem
+    found = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None)
+    return str(found).replace("torch.", "") if found is not None else None
+
+
+def _bf16_ok(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def describe_placement(cfg: ModelConfig, resolved: ResolvedModel) -> dict[str, str | None]:
+    """Device and dtype a run will use, without loading or converting anything (for --dry-run)."""
+    device = pick_device(cfg)
+    if resolved.kind in ("alias", "gguf"):
+        stored: str | None = "float32"  # GGUF files are de-quantized to float32
+    elif resolved.kind == "local":
+        stored = checkpoint_dtype(resolved.path, cfg)
+    else:  # a hub id: its config is read at load time, not here (a dry run stays offline)
+        stored = None
+    if cfg.dtype == "auto" and device.type == "cuda" and stored is None:
+        return {"device": str(device), "dtype": "the checkpoint's (read at load)", "note": None}
+    dtype, note = resolve_dtype(cfg.dtype, stored, device, _bf16_ok(device))
+    return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "note": note}
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = None):
@@ -157,7 +244,12 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
     resolved = resolve_model(cfg)
     source = local_folder(resolved, cfg)
     device = device or pick_device(cfg)
-    dtype = pick_dtype(cfg, device)
+    stored = (
+        checkpoint_dtype(source, cfg) if cfg.dtype == "auto" and device.type == "cuda" else None
+    )
+    dtype, note = resolve_dtype(cfg.dtype, stored, device, _bf16_ok(device))
+    if note:
+        print(f"unlearn: note: {note}", file=sys.stderr)
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
@@ -185,16 +277,72 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
     return model, tokenizer, resolved
 
 
-def hash_model_files(folder: str) -> str:
-    """sha256 over the weight and config files of a local model folder, in name order."""
+def _hashed_files(root: Path) -> list[Path]:
+    return [
+        f
+        for f in sorted(root.iterdir())
+        if f.is_file() and (f.suffix in (".safetensors", ".json") or f.name.endswith(".gguf"))
+    ]
+
+
+def _cached_digest(files: list[Path], compute, cache: Path | None) -> str:
+    """`compute()`, remembered under (path, size, mtime) of `files`: a 500 MB model is read once.
+
+    A changed file changes its size or mtime and so the key; the cache is a plain JSON file per
+    key under `<cache>/hashes`, and anything wrong with it just means hashing again.
+    """
+    key_text = "\n".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:32]
+    entry = (cache or cache_root()) / "hashes" / f"{key}.json"
+    try:
+        return str(json.loads(entry.read_text())["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = compute()
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"sha256": digest, "files": key_text.splitlines()}))
+        os.replace(tmp, entry)
+    except OSError:
+        pass  # a read-only cache only costs the next run another hash
+    return digest
+
+
+def _feed(h, path: Path) -> None:
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+
+
+def file_sha256(path: str | Path, cache: Path | None = None) -> str:
+    """sha256 of one file (a GGUF), cached by (path, size, mtime)."""
+    f = Path(path)
+
+    def compute() -> str:
+        h = hashlib.sha256()
+        _feed(h, f)
+        return h.hexdigest()
+
+    return _cached_digest([f], compute, cache)
+
+
+def hash_model_files(folder: str, cache: Path | None = None) -> str:
+    """sha256 over the weight and config files of a local model folder, in name order.
+
+    Cached by (path, size, mtime) of those files, so evaluating or training the same model again
+    does not re-read ~500 MB of weights.
+    """
     root = Path(folder)
     if not root.is_dir():
         return ""
-    h = hashlib.sha256()
-    for f in sorted(root.iterdir()):
-        if f.is_file() and (f.suffix in (".safetensors", ".json") or f.name.endswith(".gguf")):
+    files = _hashed_files(root)
+
+    def compute() -> str:
+        h = hashlib.sha256()
+        for f in files:
             h.update(f.name.encode())
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-    return h.hexdigest()
+            _feed(h, f)
+        return h.hexdigest()
+
+    return _cached_digest(files, compute, cache)

@@ -11,6 +11,7 @@ Documents are tokenized whole and cut into windows of `max_length` tokens, every
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -91,6 +92,25 @@ class PromptFormatter:
         if tok.eos_token_id is None:
             raise UnlearnError("the tokenizer has no EOS token; set one before training")
         return [tok.eos_token_id]
+
+    @cached_property
+    def label_end_ids(self) -> list[int]:
+        """The tokens evaluation scores after an answer, as TOFU's and OpenUnlearning's label
+        builders do: everything the template renders after the answer (for ChatML `<|im_end|>` and
+        the newline after it), then EOS unless that already ends with EOS. Training keeps
+        `end_ids`; this only fixes which tokens an answer's probability covers."""
+        tok = self.tokenizer
+        ids: list[int] = []
+        if self.use_chat:
+            marker = "\u2063ANSWER\u2063"
+            full = tok.apply_chat_template(
+                self._messages("q", marker), tokenize=False, add_generation_prompt=False
+            )
+            suffix = full.split(marker, 1)[1]
+            ids = list(tok(suffix, add_special_tokens=False)["input_ids"]) if suffix else []
+        if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+            ids.append(tok.eos_token_id)
+        return ids or list(self._end_ids)
 
     def encode_qa(self, question: str, answer: str) -> tuple[list[int], list[int]]:
         """(prompt ids, answer ids including the end marker)."""

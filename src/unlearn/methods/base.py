@@ -1,31 +1,93 @@
-"""What every unlearning method is: a hyperparameter dataclass and a loss over one model pass.
+"""What every unlearning method is: hyperparameters, a loss, and a declaration of what it needs.
 
 The shared training loop (`unlearn.train.loop`) runs the model on a forget batch (and a retain batch
-when the method asks for one), looks up cached reference values, and hands everything to the
-method's `loss`. A method never runs the model itself, never owns an optimizer, and never inherits
-from another method: what methods share lives in `unlearn.losses` and `unlearn.methods.retain`.
+when the method declares a retain term), looks up cached reference values, and hands everything to
+the method's `loss`. A method never runs the model itself, never owns an optimizer, and never
+inherits from another method: what methods share lives in `unlearn.losses` and
+`unlearn.methods.retain`.
+
+Everything beyond "logits of the forget batch" is a declaration, so a method file stays the one
+place a method lives and the loop never looks for attribute names:
+
+* `needs(params) -> Needs`: a retain term and its weight, cached reference values on the forget
+  batch (sequence log-prob, per-token log-probs, full logits), a second answer per example (DPO),
+  hidden states of named layers from the model and from a frozen reference (RMU);
+* `forget_targets(examples, params, seed)`: the answers to train on instead of the data's (refusals);
+* `second_targets(examples, params, seed)`: the second answer of every forget example (DPO's
+  preferred answer when the forget answer is the rejected one);
+* `parameter_mask(model, params)`: which parameter entries may change (GRIN-style localisation).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-ForgetTarget = Literal["answer", "refusal"]
+RefValue = Literal["sequence_logp", "token_logp", "logits"]
+REF_VALUES: tuple[str, ...] = ("sequence_logp", "token_logp", "logits")
+
+
+@dataclass(frozen=True)
+class RetainTerm:
+    """A retain term on its own batch: `weight * term`, term = NLL, KL to the start, or `loss`.
+
+    kind "nll" / "kl" use `unlearn.methods.retain.retain_term`; any other kind needs `loss`, a
+    function of the retain batch's LossInputs (its fields `retain_*` and `ref_retain_*` are set).
+    """
+
+    weight: float
+    kind: str = "nll"
+    loss: Callable[[LossInputs], torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What the loop must provide for one set of hyperparameters.
+
+    retain: the retain term, or None (no retain batch is forwarded at all).
+    reference: values of the starting model on the forget batch, cached in one pass before training
+        (no second model in memory): "sequence_logp" [B], "token_logp" [B, T-1] aligned with
+        `losses.token_logprobs`, "logits" [B, T, V] (memory: N x T x V floats on the CPU).
+    second_target: every forget example has a second answer (`Method.second_targets`); both are
+        forwarded and the reference values above are cached for both.
+    hidden_layers: hidden states the model must return, numbered as Hugging Face's
+        `output_hidden_states` (0 = embeddings, i = output of block i).
+    reference_hidden_layers: the same from a frozen copy of the starting model, on the forget and
+        the retain batch (this, and a "kl" retain term, are what keep a second model in memory).
+    """
+
+    retain: RetainTerm | None = None
+    reference: tuple[str, ...] = ()
+    second_target: bool = False
+    hidden_layers: tuple[int, ...] = ()
+    reference_hidden_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.reference if r not in REF_VALUES]
+        if unknown:
+            raise ValueError(f"unknown reference value {unknown[0]!r}; valid: {REF_VALUES}")
+
+    @property
+    def reference_model(self) -> bool:
+        """Whether a frozen copy of the starting model must stay in memory during training."""
+        kl = self.retain is not None and self.retain.kind == "kl"
+        return kl or bool(self.reference_hidden_layers)
 
 
 @dataclass
 class LossInputs:
-    """One optimisation step's worth of model outputs and cached values.
+    """One micro-batch's model outputs and cached values.
 
     forget_logits / forget_labels: the model on the forget batch, [B, T, V] and [B, T] (-100 masked).
     retain_logits / retain_labels: the model on the paired retain batch, or None if not requested.
-    ref_forget_logp: log pi_ref(y|x) summed over answer tokens [B], computed once before training
-        by the starting model (only when the method sets `needs_reference_logp`).
+    ref_forget_logp: log pi_ref(y|x) summed over answer tokens [B] (= ref_forget["sequence_logp"]).
+    ref_forget: the declared cached reference values on the forget batch (see `Needs.reference`).
     ref_retain_logits: the frozen starting model on the retain batch (only for KL retain terms).
+    second_logits / second_labels / ref_second: the same for the second answer (DPO-style methods).
+    forget_hidden / retain_hidden / ref_forget_hidden / ref_retain_hidden: {layer: [B, T, H]}.
     defer_retain: set by the training loop, which backpropagates the retain term in a pass of its
         own so that the forget and retain batches' activations are never in memory together; the
         method's loss then returns only its forget part (see `retain.weighted_retain`).
@@ -38,9 +100,23 @@ class LossInputs:
     ref_forget_logp: torch.Tensor | None = None
     ref_retain_logits: torch.Tensor | None = None
     defer_retain: bool = False
+    ref_forget: dict[str, torch.Tensor] = field(default_factory=dict)
+    second_logits: torch.Tensor | None = None
+    second_labels: torch.Tensor | None = None
+    ref_second: dict[str, torch.Tensor] = field(default_factory=dict)
+    forget_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    retain_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    ref_forget_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    ref_retain_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 LossFn = Callable[[LossInputs, Any], "tuple[torch.Tensor, dict[str, float]]"]
+TargetsFn = Callable[[Sequence[Any], Any, int], "list[str]"]
+MaskFn = Callable[[torch.nn.Module, Any], "dict[str, torch.Tensor]"]
+
+
+def _no_needs(params: Any) -> Needs:
+    return Needs()
 
 
 @dataclass(frozen=True)
@@ -52,8 +128,14 @@ class Method:
     params: the frozen hyperparameter dataclass; every field has the paper's default.
     loss: (LossInputs, params) -> (scalar loss to minimise, {term name: float} to log).
     citation: where the defaults and the formula come from.
-    needs_reference_logp: cache log pi_ref(y|x) of every forget example before training.
-    forget_target: "refusal" replaces forget answers by refusal sentences (IdkNLL-style methods).
+    needs: params -> Needs, what the loop must provide (default: the forget logits only).
+    forget_targets: (forget examples, params, seed) -> the answer to train on for each example,
+        replacing the data's (refusal-style methods); None keeps the data's answers.
+    second_targets: (forget examples, params, seed) -> a second answer per example; required when
+        `needs(params).second_target`.
+    parameter_mask: (model, params) -> {parameter name: bool tensor of its shape}. Only the
+        selected entries change: gradients are masked, weight decay touches only selected entries,
+        and parameters not in the dict (or with no entry selected) get no optimizer state.
     """
 
     name: str
@@ -61,15 +143,21 @@ class Method:
     params: type
     loss: LossFn
     citation: str
-    needs_reference_logp: bool = False
-    forget_target: ForgetTarget = "answer"
+    needs: Callable[[Any], Needs] = _no_needs
+    forget_targets: TargetsFn | None = None
+    second_targets: TargetsFn | None = None
+    parameter_mask: MaskFn | None = None
 
     def needs_retain(self, params: Any) -> bool:
-        """Whether the loop must forward a retain batch: any method with a weighted retain term."""
-        kind = getattr(params, "retain_loss", None)
-        weight = getattr(params, "alpha", 0.0)
-        return kind is not None and kind != "none" and weight != 0
+        """Whether the loop must forward a retain batch (a declared retain term, weight != 0)."""
+        term = self.needs(params).retain
+        return term is not None and term.weight != 0
 
     def needs_reference_model(self, params: Any) -> bool:
-        """Only a KL retain term needs a frozen copy of the starting model during training."""
-        return self.needs_retain(params) and getattr(params, "retain_loss", None) == "kl"
+        """Whether a frozen copy of the starting model is kept during training."""
+        return self.needs(params).reference_model
+
+    @property
+    def needs_reference_logp(self) -> bool:
+        """Whether the default hyperparameters cache log pi_ref(y|x) (for `--dry-run` listings)."""
+        return "sequence_logp" in self.needs(self.params()).reference

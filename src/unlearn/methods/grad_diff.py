@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 
 from unlearn import losses
-from unlearn.methods.base import LossInputs, Method
-from unlearn.methods.retain import check_weights, weighted_retain
+from unlearn.methods.base import LossInputs, Method, Needs
+from unlearn.methods.retain import check_weights, retain_spec, weighted_retain
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ METHOD = Method(
     summary="gradient ascent on the forget set plus NLL or KL on the retain set",
     params=GradDiffParams,
     loss=grad_diff_loss,
+    needs=lambda p: Needs(retain=retain_spec(p.retain_loss, p.alpha)),
     citation=(
         "Maini et al. 2024, TOFU, arXiv:2401.06121 (GradDiff / KL baselines); "
         "defaults from OpenUnlearning configs/trainer/GradDiff.yaml"

@@ -2,8 +2,9 @@
 
     L = gamma * NLL(forget question -> refusal) + alpha * R(retain)
 
-The forget answers are replaced by refusal sentences before batching (`forget_target="refusal"`; the
-loop substitutes them with `unlearn.refusals.pick_refusal`), so the forget term is ordinary NLL.
+The forget answers are replaced by refusal sentences before batching (the `forget_targets` hook,
+`refusal_targets` below, picks them with `unlearn.refusals.pick_refusal`), so the forget term is
+ordinary NLL.
 This is TOFU's "IDK" baseline (Maini et al. 2024, arXiv:2401.06121), there with both terms weighted
 equally and an NLL retain term; OpenUnlearning calls it IdkNLL. Unlike gradient ascent it has a
 well-defined optimum, so it cannot collapse the model, but the knowledge may only be masked.
@@ -11,14 +12,16 @@ well-defined optimum, so it cannot collapse the model, but the knowledge may onl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from unlearn import losses
-from unlearn.methods.base import LossInputs, Method
-from unlearn.methods.retain import check_weights, weighted_retain
+from unlearn.errors import UnlearnError
+from unlearn.methods.base import LossInputs, Method, Needs
+from unlearn.methods.retain import check_weights, retain_spec, weighted_retain
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,25 @@ def idk_nll_loss(inputs: LossInputs, params: IdkNLLParams) -> tuple[torch.Tensor
     return params.gamma * refusal_nll + retain, logs
 
 
+def refusal_targets(examples: Sequence[Any], params: IdkNLLParams, seed: int) -> list[str]:
+    """One refusal per forget example, a pure function of (index, seed); Q/A records only."""
+    from unlearn.refusals import load_refusals, pick_refusal
+
+    if any(e.kind != "qa" for e in examples):
+        raise UnlearnError(
+            "method 'idk_nll' replaces answers with refusals, so the forget data must be "
+            "question/answer records, not documents"
+        )
+    refusals = load_refusals(params.refusals)
+    return [pick_refusal(refusals, i, seed) for i in range(len(examples))]
+
+
 METHOD = Method(
     name="idk_nll",
     summary="fine-tune forget questions towards refusal answers, plus a retain term",
     params=IdkNLLParams,
     loss=idk_nll_loss,
     citation="Maini et al. 2024, TOFU, arXiv:2401.06121 (IDK baseline); OpenUnlearning IdkNLL",
-    forget_target="refusal",
+    needs=lambda p: Needs(retain=retain_spec(p.retain_loss, p.alpha)),
+    forget_targets=refusal_targets,
 )

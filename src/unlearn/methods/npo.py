@@ -11,7 +11,7 @@ slows the collapse gradient ascent runs into. At the start (d = 0) it equals (2/
 log pi(y|x) is the SUM of answer-token log-probabilities, as in the NPO paper and OpenUnlearning
 (`compute_batch_nll` sums over tokens); some codebases use the per-token mean instead, which makes
 beta act on a different scale, so betas tuned there do not transfer. pi_ref is the starting model;
-its log-probabilities are cached once before training (`ref_forget_logp`).
+its log-probabilities are cached once before training (declared by `needs`: `ref_forget_logp`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from unlearn import losses
-from unlearn.methods.base import LossInputs, Method
-from unlearn.methods.retain import check_weights, weighted_retain
+from unlearn.methods.base import LossInputs, Method, Needs
+from unlearn.methods.retain import check_weights, retain_spec, weighted_retain
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def npo_forget_term(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> 
 def npo_loss(inputs: LossInputs, params: NPOParams) -> tuple[torch.Tensor, dict[str, float]]:
     """NPO forget term on cached reference log-probs, plus the weighted retain term."""
     if inputs.ref_forget_logp is None:
-        raise ValueError("NPO needs ref_forget_logp (cached when needs_reference_logp is set)")
+        raise ValueError("NPO needs ref_forget_logp (declared in Needs.reference)")
     logp, length = losses.sequence_logprob(inputs.forget_logits, inputs.forget_labels)
     forget = npo_forget_term(logp, inputs.ref_forget_logp, params.beta)
     logs = {
@@ -73,5 +73,5 @@ METHOD = Method(
         "Zhang et al. 2024, Negative Preference Optimization: From Catastrophic Collapse to "
         "Effective Unlearning, arXiv:2404.05868; defaults from OpenUnlearning NPO.yaml"
     ),
-    needs_reference_logp=True,
+    needs=lambda p: Needs(retain=retain_spec(p.retain_loss, p.alpha), reference=("sequence_logp",)),
 )

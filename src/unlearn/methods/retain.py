@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from unlearn import losses
-from unlearn.methods.base import LossInputs
+from unlearn.methods.base import LossInputs, RetainTerm
 
 RetainLoss = Literal["nll", "kl", "none"]
 
@@ -55,6 +55,13 @@ def weighted_retain(
     term = retain_term(kind, inputs)
     logs["retain_loss"] = float(term.detach())
     return alpha * term
+
+
+def retain_spec(kind: RetainLoss, alpha: float) -> RetainTerm | None:
+    """The declared retain term of a method with `alpha` / `retain_loss` hyperparameters."""
+    if kind == "none" or alpha == 0:
+        return None
+    return RetainTerm(weight=alpha, kind=kind)
 
 
 def check_weights(**weights: float) -> None:

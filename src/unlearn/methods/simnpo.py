@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from unlearn import losses
-from unlearn.methods.base import LossInputs, Method
-from unlearn.methods.retain import check_weights, weighted_retain
+from unlearn.methods.base import LossInputs, Method, Needs
+from unlearn.methods.retain import check_weights, retain_spec, weighted_retain
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ METHOD = Method(
     summary="reference-free, length-normalised NPO, plus a retain term",
     params=SimNPOParams,
     loss=simnpo_loss,
+    needs=lambda p: Needs(retain=retain_spec(p.retain_loss, p.alpha)),
     citation=(
         "Fan et al. 2024, Simplicity Prevails: Rethinking Negative Preference Optimization for "
         "LLM Unlearning, arXiv:2410.07163; defaults from OPTML-Group/Unlearn-Simple (TOFU "

@@ -8,7 +8,7 @@ value the data made impossible (an answer with no tokens, a NaN) is the user's t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -60,7 +60,7 @@ def ragged(values: Sequence[ArrayLike], name: str) -> list[np.ndarray]:
     return out
 
 
-def same_length(a: Sequence[object], b: Sequence[object], names: str) -> None:
+def same_length(a: Sized, b: Sized, names: str) -> None:
     if len(a) != len(b):
         raise ValueError(f"{names} must have one entry per example, got {len(a)} and {len(b)}")
 

@@ -87,19 +87,22 @@ def keyword_accuracy(generations: Sequence[str], references: Sequence[str]) -> n
     return out
 
 
-def keyword_token_mask(token_pieces: Sequence[str]) -> np.ndarray:
+def keyword_token_mask(token_pieces: Sequence[str], text_length: int | None = None) -> np.ndarray:
     """Which of an answer's tokens overlap one of its key words, [T] bool.
 
     `token_pieces` must concatenate to the answer text: decode with offsets, or pass the token
     strings of `tokenizer.convert_ids_to_tokens`, whose "▁"/"Ġ"/"Ċ" markers are read as spaces and
-    newlines. A token that covers part of a key word (" Par" of "Paris") counts.
+    newlines. A token that covers part of a key word (" Par" of "Paris") counts. `text_length`:
+    the answer text's length in characters when the pieces go on past it (the scored end-of-turn
+    marker, `<|im_end|>`): words starting after it are not the answer's.
     """
     pieces = [piece.translate(_MARKERS) for piece in token_pieces]
     ends = np.cumsum([len(piece) for piece in pieces])
     starts = ends - np.array([len(piece) for piece in pieces], dtype=int)
     mask = np.zeros(len(pieces), dtype=bool)
     for start, end, _ in _key_word_spans("".join(pieces)):
-        mask |= (starts < end) & (ends > start)
+        if text_length is None or start < text_length:
+            mask |= (starts < end) & (ends > start)
     return mask
 
 

@@ -24,10 +24,11 @@ Per example, from the answer's per-token log-probabilities log p_t (t = 1..T):
   NLLs), i.e. how much better the evaluated model fits the text than a reference model does.
   OpenUnlearning: target - ref.
 - gradient norm (Wang et al. 2024, arXiv:2402.17012): -||grad of the example's mean NLL||_2 over all
-  parameters (`records.grad_norms`, run by `eval --mia-gradnorm`); members
+  parameters (`unlearn.eval.gradnorm.grad_norms`, run by `eval --mia-gradnorm`); members
   sit near a minimum, so their gradients are small. OpenUnlearning's `mia_gradnorm` averages the
-  per-tensor p-norms (p = 2 in its MUSE config) and returns -norm under its higher = non-member
-  convention, which orients it opposite to its other attacks; ours is oriented like the rest.
+  per-tensor p-norms (p = 2 in its MUSE config) and returns the positive norm, oriented like its
+  other attacks (higher = non-member); ours is the negation, oriented like our other attacks
+  (higher = member), so the AUCs agree.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@
 machine-readable `summary.json` and the plots under `plots/`. Both documents are rendered from one
 list of blocks, so they always say the same thing.
 
-Privacy: an evaluation may store forget-set questions, answers and generations under `examples`.
-That text reaches an output file only with `show_examples=True`; every other field is numbers,
-names, paths and skip reasons.
+Privacy: an evaluation stores forget-set questions, answers and generations under `examples` only
+when asked (`unlearn eval --examples N`). That text reaches an output file only with
+`show_examples=True`; every other field is numbers, names, paths and skip reasons.
 
 Plots use matplotlib's object API (`Figure`) with the Agg canvas, never pyplot, so building a
 report changes no global backend state in the caller's process.
@@ -421,7 +421,13 @@ def _example_blocks(runs: list[Run], show: bool) -> list[Block]:
             ]
             blocks += [("h3", title), ("table", ["id", "question", "answer", "generation"], rows)]
     if len(blocks) == 1:
-        blocks.append(("p", "No examples were saved by the evaluations."))
+        blocks.append(
+            (
+                "p",
+                "No examples were saved by the evaluations; evaluate with `--examples N` to keep "
+                "N examples' text per set in results.json.",
+            )
+        )
     return blocks
 
 

@@ -1,29 +1,34 @@
 """The one training loop that fine-tuning and every unlearning method go through.
 
-Built on `accelerate`, so the same loop runs on a CPU laptop and under `accelerate launch` with
-DDP, DeepSpeed or FSDP; device placement, gradient sync and checkpoint state are accelerate's.
-What is ours:
+Built on `accelerate`: the same loop runs on a CPU laptop and under `accelerate launch` /
+torchrun with multi-process data parallelism (DDP; tests/test_distributed.py runs two gloo CPU
+processes under torchrun and gets a one-process run's weights for the same global batch; note that
+`accelerate launch --num_processes 2 --cpu` starts only one process without mpirun). DeepSpeed and FSDP are refused with a one-line error
+until they are tested: the forget and retain terms are backpropagated in separate passes (see
+below), and under DeepSpeed each `backward` would step the optimizer.
 
-* the batch schedule, a pure function of (seed, step): forget micro-batches walk a seeded
-  permutation per epoch and each is paired with the next retain micro-batch of a seeded retain
-  stream, so a resumed run sees exactly the batches an uninterrupted run would;
-* reference values: methods that need log pi_ref(y|x) on the forget set get it from one pass over
-  the forget set before the first step, so no second model sits in memory for them; only a KL
-  retain term (which needs reference logits on changing retain batches) keeps a frozen copy;
-* checkpoints written atomically every `save_every` steps, on Ctrl-C, and just before a step whose
-  loss or gradient is NaN/inf (the weights are still the last good ones then), so `--resume`
-  always has a consistent state to continue from;
+What is ours, each in a module of its own:
+
+* the batch schedule (`schedule`), a pure function of (seed, step), sharded across processes so
+  their average gradient is the global batch's;
+* values of the starting model (`reference`): declared by the method (`Method.needs`), cached in one
+  pass before the first step; only a KL retain term or reference hidden states keep a frozen copy;
+* checkpoints (`checkpoint`) written atomically every `save_every` steps, on Ctrl-C, and before a
+  step whose loss or gradient is NaN/inf (checked whether or not clipping is on), labelled with the
+  completed step and the config, so `--resume` continues exactly or refuses a changed config;
+* the method contract: retain term, cached reference values, a second answer per example, hidden
+  states and a parameter mask are all the method's declarations, provided here;
 * a jsonl log with every loss term per step.
+
+Memory: forget and retain terms are backpropagated in separate passes, so peak activation memory is
+the larger batch's, not their sum.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import math
-import os
-import shutil
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,14 +40,28 @@ from tqdm.auto import tqdm
 
 from unlearn.config import TrainConfig
 from unlearn.errors import TrainingDiverged, UnlearnError
-from unlearn.losses import sequence_logprob
-from unlearn.methods.base import LossInputs, Method
-from unlearn.methods.retain import weighted_retain
+from unlearn.methods.base import LossInputs, Method, Needs
+from unlearn.methods.retain import retain_term
 from unlearn.prompts import Tokenized, collate
+from unlearn.train import checkpoint as ckpt_io
+from unlearn.train.checkpoint import CHECKPOINTS, latest_checkpoint
+from unlearn.train.reference import batch_values, frozen_copy, hidden, reference_values
+from unlearn.train.schedule import plan_steps, retain_stream, shard
 
-CHECKPOINTS = "checkpoints"
 LOG_FILE = "logs/train.jsonl"
 StepCallback = Callable[[int, dict[str, float]], None]
+log = logging.getLogger("unlearn")
+
+__all__ = [
+    "CHECKPOINTS",
+    "LOG_FILE",
+    "StepCallback",
+    "TrainResult",
+    "latest_checkpoint",
+    "plan_steps",
+    "retain_stream",
+    "train",
+]
 
 
 @dataclass
@@ -55,121 +74,37 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------- batch schedule
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+@dataclass
+class _Run:
+    """Everything one step needs, built once by `_setup`."""
 
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    method: Method
+    params: Any
+    needs: Needs
+    cfg: TrainConfig
+    pad_id: int
+    forget: list[Tokenized]
+    retain: list[Tokenized] | None
+    second: list[Tokenized] | None
+    steps: list[list[list[int]]]
+    offsets: list[int]
+    retain_plan: list[list[int]]
+    ref_forget: dict[str, list[torch.Tensor]]
+    ref_second: dict[str, list[torch.Tensor]]
+    ref_model: torch.nn.Module | None
+    masks: list[tuple[torch.nn.Parameter, torch.Tensor, float]]
+    frozen: list[torch.nn.Parameter]
+    fingerprint: dict[str, Any]
+    output: Path
+    log_path: Path
 
-def plan_steps(n_forget: int, cfg: TrainConfig) -> list[list[list[int]]]:
-    """The whole run's forget batches: steps -> micro-batches -> example positions.
-
-    An epoch is one pass over the forget set; with `max_steps` the epochs repeat as needed.
-    """
-    micro: list[list[int]] = []
-    steps: list[list[list[int]]] = []
-    epoch = 0
-    target = cfg.max_steps
-    while True:
-        order = _epoch_order(n_forget, cfg.seed, epoch)
-        micro = [order[i : i + cfg.batch_size] for i in range(0, n_forget, cfg.batch_size)]
-        for i in range(0, len(micro), cfg.grad_accum):
-            steps.append(micro[i : i + cfg.grad_accum])
-            if target is not None and len(steps) >= target:
-                return steps
-        epoch += 1
-        if target is None and epoch >= cfg.epochs:
-            return steps
-
-
-def retain_stream(n_retain: int, count: int, size: int, seed: int) -> list[list[int]]:
-    """`count` retain micro-batches of `size`, cycling through seeded permutations."""
-    out: list[list[int]] = []
-    buffer: list[int] = []
-    cycle = 0
-    while len(out) < count:
-        while len(buffer) < size:
-            buffer += _epoch_order(n_retain, seed + 7919, cycle)
-            cycle += 1
-        out.append(buffer[:size])
-        buffer = buffer[size:]
-    return out
-
-
-# ---------------------------------------------------------------------------- reference values
-@torch.no_grad()
-def reference_logps(
-    model: torch.nn.Module, items: list[Tokenized], pad_id: int, batch_size: int = 8
-) -> torch.Tensor:
-    """log pi_ref(y|x) of every item under the model as it is now, summed over answer tokens."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = torch.empty(len(items), dtype=torch.float32)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        labels = batch.pop("labels")
-        logits = model(**batch).logits
-        logp, _ = sequence_logprob(logits, labels)
-        out[start : start + len(chunk)] = logp.float().cpu()
-    model.train(was_training)
-    return out
-
-
-# ---------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(output: Path) -> tuple[Path, int] | None:
-    root = output / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    found = []
-    for d in root.iterdir():
-        if d.is_dir() and d.name.startswith("step-") and (d / "progress.json").is_file():
-            found.append((int(d.name.split("-", 1)[1]), d))
-    if not found:
-        return None
-    step, path = max(found)
-    return path, step
-
-
-def _save_checkpoint(accelerator, output: Path, step: int, keep: int = 1) -> Path:
-    root = output / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    if final.exists():
-        return final
-    staging = root / f".tmp-step-{step}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    accelerator.save_state(str(staging), safe_serialization=False)
-    if accelerator.is_main_process:
-        (staging / "progress.json").write_text(json.dumps({"step": step}))
-        os.replace(staging, final)
-        older = sorted(
-            (d for d in root.iterdir() if d.name.startswith("step-") and d != final),
-            key=lambda d: int(d.name.split("-", 1)[1]),
-        )
-        for d in older[: max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(d, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
-    """On resume, drop log lines past the checkpoint so the log reads like one clean run."""
-    if not path.is_file():
-        return []
-    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in kept if r.get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
-    return kept
-
-
-# ---------------------------------------------------------------------------- the loop
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+    @property
+    def total(self) -> int:
+        return len(self.steps)
 
 
 def train(
@@ -183,224 +118,387 @@ def train(
     retain: list[Tokenized] | None = None,
     resume: bool = False,
     callbacks: list[StepCallback] | None = None,
+    second: list[Tokenized] | None = None,
 ) -> TrainResult:
     """Run `method` on `model` in place (the caller passes a model it owns, never the input's files).
 
+    `second` holds each forget example's second answer (same order) when the method declares one.
     Returns when all steps are done; raises TrainingDiverged (after checkpointing the last good
     state) on a NaN/inf loss or gradient, and UnlearnError (after checkpointing) on Ctrl-C.
     """
-    from accelerate import Accelerator
-    from transformers import get_scheduler
-
     t0 = time.time()
-    accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    needs_retain = method.needs_retain(params)
-    if needs_retain and not retain:
-        raise UnlearnError(
-            f"method '{method.name}' has a retain term, but no retain data was given; pass "
-            "--retain FILE, or set method.alpha=0 to train without one"
-        )
-    torch.manual_seed(cfg.seed)
-
-    ref_model = None
-    if method.needs_reference_model(params):
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    ref_logp = None
-    if method.needs_reference_logp:
-        ref_logp = reference_logps(model, forget, pad_id, batch_size=max(cfg.batch_size, 8))
-
-    steps = plan_steps(len(forget), cfg)
-    total = len(steps)
-    n_micro = sum(len(s) for s in steps)
-    retain_plan = (
-        retain_stream(len(retain), n_micro, cfg.batch_size, cfg.seed)
-        if needs_retain and retain
-        else []
-    )
-    micro_offsets = [0]
-    for s in steps:
-        micro_offsets.append(micro_offsets[-1] + len(s))
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-    )
-    scheduler = get_scheduler(
-        cfg.scheduler,
-        optimizer,
-        num_warmup_steps=int(cfg.warmup_ratio * total),
-        num_training_steps=total,
-    )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    device = accelerator.device
-
-    output.mkdir(parents=True, exist_ok=True)
-    log_path = output / LOG_FILE
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    start_step, resumed_from, history = 0, None, []
-    if resume:
-        found = latest_checkpoint(output)
-        if found is not None:
-            ckpt, start_step = found
-            accelerator.load_state(str(ckpt))
-            resumed_from = start_step
-            history = _truncate_log(log_path, start_step)
-    elif log_path.exists():
-        log_path.unlink()
-
-    model.train()
+    run = _setup(model, method, params, forget, cfg, output, pad_id, retain, second)
+    start, resumed_from, history = _restore(run, resume)
     bar = tqdm(
-        total=total,
-        initial=start_step,
+        total=run.total,
+        initial=start,
         desc=method.name,
-        disable=not cfg.progress or not accelerator.is_local_main_process,
+        disable=not cfg.progress or not run.accelerator.is_local_main_process,
         unit="step",
     )
-    logs: dict[str, float] = {}
-    step = start_step
+    logs: dict[str, Any] = {}
+    completed = start  # optimizer steps applied: what a checkpoint is labelled with
     try:
-        for step in range(start_step, total):
-            micros = steps[step]
-            sums: dict[str, float] = {}
-            for j, idx in enumerate(micros):
-                m = micro_offsets[step] + j
-                mine = idx[rank::world] or idx[:1]
-                f_batch = _to(collate([forget[i] for i in mine], pad_id), device)
-                f_labels = f_batch.pop("labels")
-                last = j == len(micros) - 1
-                inputs = LossInputs(
-                    forget_logits=model(**f_batch).logits,
-                    forget_labels=f_labels,
-                    defer_retain=needs_retain,
-                )
-                if ref_logp is not None:
-                    inputs.ref_forget_logp = ref_logp[mine].to(device)
-                loss, terms = method.loss(inputs, params)
-                terms = dict(terms)
-                _check_finite(loss, step)
-                # Forget and retain are backpropagated in separate passes: peak memory is the
-                # larger of the two batches' activations, not their sum.
-                _backward(accelerator, model, loss / len(micros), sync=last and not needs_retain)
-                step_loss = float(loss.detach())
-                del inputs, loss
-                if needs_retain and retain:
-                    r_idx = retain_plan[m][rank::world] or retain_plan[m][:1]
-                    r_batch = _to(collate([retain[i] for i in r_idx], pad_id), device)
-                    r_labels = r_batch.pop("labels")
-                    ref_logits = None
-                    if ref_model is not None:
-                        with torch.no_grad():
-                            ref_logits = ref_model(**r_batch).logits
-                    r_loss = _retain_loss(
-                        params, model(**r_batch).logits, r_labels, ref_logits, terms
-                    )
-                    _check_finite(r_loss, step)
-                    _backward(accelerator, model, r_loss / len(micros), sync=last)
-                    step_loss += float(r_loss.detach())
-                    del r_loss, ref_logits
-                for k, v in {"loss": step_loss, **terms}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / len(micros)
-            grad_norm = None
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                )
-                if not math.isfinite(grad_norm):
-                    optimizer.zero_grad(set_to_none=True)
-                    raise _Diverged(step, f"gradient norm is {grad_norm}")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            logs = {
-                "step": step + 1,
-                "epoch": round((step + 1) / total * max(cfg.epochs, 1), 4)
-                if cfg.max_steps is None
-                else None,
-                "lr": scheduler.get_last_lr()[0],
-                **sums,
-            }
-            if grad_norm is not None:
-                logs["grad_norm"] = grad_norm
-            logs["seconds"] = round(time.time() - t0, 3)
-            logs = {k: v for k, v in logs.items() if v is not None}
+        for step in range(start, run.total):
+            sums, grad_norm = _one_step(run, step)
+            completed = step + 1
+            logs = _log_step(run, completed, sums, grad_norm, t0)
             history.append(logs)
-            if accelerator.is_main_process and (
-                (step + 1) % max(cfg.log_every, 1) == 0 or step + 1 == total
-            ):
-                with log_path.open("a") as fh:
-                    fh.write(json.dumps(logs) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{sums.get('loss', float('nan')):.4f}")
             for cb in callbacks or []:
-                cb(step + 1, logs)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-                _save_checkpoint(accelerator, output, step + 1)
+                cb(completed, logs)
+            if cfg.save_every and completed % cfg.save_every == 0 and completed < run.total:
+                ckpt_io.save_checkpoint(run.accelerator, output, completed, run.fingerprint)
     except _Diverged as exc:
         bar.close()
-        ckpt = _save_checkpoint(accelerator, output, exc.step)
+        ckpt = ckpt_io.save_checkpoint(run.accelerator, output, completed, run.fingerprint)
         raise TrainingDiverged(
-            f"training stopped at step {exc.step + 1}: {exc.reason}; the last good state (after "
-            f"step {exc.step}) is saved in {ckpt}; lower train.lr or check the data, then rerun "
-            "with --resume"
+            f"training stopped at step {completed + 1}: {exc.reason}; the last good state (after "
+            f"step {completed}) is saved in {ckpt}; rerun with --resume and a lower train.lr "
+            "(the new lr is applied to the saved state), or check the data"
         ) from None
     except KeyboardInterrupt:
         bar.close()
-        ckpt = _save_checkpoint(accelerator, output, _completed(history, start_step))
+        ckpt = ckpt_io.save_checkpoint(run.accelerator, output, completed, run.fingerprint)
         raise UnlearnError(
-            f"interrupted after step {_completed(history, start_step)} of {total}; state saved in "
-            f"{ckpt}; rerun the same command with --resume to continue"
+            f"interrupted after step {completed} of {run.total}; state saved in {ckpt}; rerun "
+            "the same command with --resume to continue"
         ) from None
+    finally:
+        for p in run.frozen:
+            p.requires_grad_(True)
     bar.close()
-    model = accelerator.unwrap_model(model)
     return TrainResult(
-        steps=total,
+        steps=run.total,
         final_logs={k: v for k, v in logs.items() if k not in ("step", "epoch", "seconds", "lr")},
         wall_seconds=time.time() - t0,
         resumed_from=resumed_from,
-        log_path=str(log_path),
+        log_path=str(run.log_path),
         history=history,
     )
 
 
-def _check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise _Diverged(step, f"loss is {loss.item()}")
-
-
-def _backward(accelerator, model, loss: torch.Tensor, sync: bool) -> None:
-    """Backward, letting DDP all-reduce gradients only on the last pass of an optimizer step."""
-    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-        accelerator.backward(loss)
-
-
-def _retain_loss(
+# ---------------------------------------------------------------------------- setup
+def _setup(
+    model: torch.nn.Module,
+    method: Method,
     params: Any,
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ref_logits: torch.Tensor | None,
-    logs: dict[str, float],
-) -> torch.Tensor:
-    """alpha * the method's retain term, on its own batch (records the unweighted term in logs)."""
-    inputs = LossInputs(
-        forget_logits=logits,
-        forget_labels=labels,
-        retain_logits=logits,
-        retain_labels=labels,
-        ref_retain_logits=ref_logits,
+    forget: list[Tokenized],
+    cfg: TrainConfig,
+    output: Path,
+    pad_id: int,
+    retain: list[Tokenized] | None,
+    second: list[Tokenized] | None,
+) -> _Run:
+    """Check the method's declared needs against the data, then build optimizer and references."""
+    from accelerate import Accelerator
+
+    # Every process runs every step (the loop shards each global batch itself), so the scheduler
+    # steps once per optimizer step; accelerate's default steps it once per process.
+    accelerator = Accelerator(
+        cpu=next(model.parameters()).device.type == "cpu", step_scheduler_with_optimizer=False
     )
-    return weighted_retain(params.retain_loss, params.alpha, inputs, logs)
+    _refuse_unsupported(accelerator)
+    needs = method.needs(params)
+    _check_data(method, needs, forget, retain, second)
+    torch.manual_seed(cfg.seed)
+    uses_retain = needs.retain is not None and needs.retain.weight != 0
+    ref_model = frozen_copy(model, accelerator) if needs.reference_model else None
+    steps = plan_steps(len(forget), cfg)
+    offsets = [0]
+    for s in steps:
+        offsets.append(offsets[-1] + len(s))
+    retain_plan = (
+        retain_stream(len(retain), offsets[-1], cfg.batch_size, cfg.seed)
+        if uses_retain and retain
+        else []
+    )
+    masks, frozen = _masks(method, params, model)
+    optimizer = _optimizer(model, cfg, masks)
+    scheduler = _scheduler(optimizer, cfg, len(steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    masks = [(p, m.to(p.device), wd) for p, m, wd in masks]
+    # One pass over the forget examples (and second answers) with the starting model.
+    unwrapped = accelerator.unwrap_model(model)
+    batch = max(cfg.batch_size, 8)
+    ref_forget = reference_values(unwrapped, forget, pad_id, needs.reference, batch)
+    ref_second = reference_values(unwrapped, second or [], pad_id, needs.reference, batch)
+    data = {
+        "forget": ckpt_io.items_hash(forget),
+        "retain": ckpt_io.items_hash(retain) if uses_retain else None,
+        "second": ckpt_io.items_hash(second),
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    log_path = output / LOG_FILE
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    return _Run(
+        accelerator, model, optimizer, scheduler, method, params, needs, cfg, pad_id, forget,
+        retain if uses_retain else None, second, steps, offsets, retain_plan, ref_forget,
+        ref_second, ref_model, masks, frozen, ckpt_io.run_fingerprint(cfg, method.name, params, data),
+        output, log_path,
+    )  # fmt: skip
 
 
-def _completed(history: list[dict[str, Any]], start: int) -> int:
-    return int(history[-1]["step"]) if history else start
+def _refuse_unsupported(accelerator) -> None:
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise UnlearnError(
+            f"training under {kind.value} is not supported yet (untested: the forget and retain "
+            "terms are backpropagated separately); run `accelerate launch` with plain "
+            "multi-GPU/CPU data parallelism (DDP) instead"
+        )
+
+
+def _check_data(method, needs: Needs, forget, retain, second) -> None:
+    if needs.retain is not None and needs.retain.weight != 0 and not retain:
+        raise UnlearnError(
+            f"method '{method.name}' has a retain term, but no retain data was given; pass "
+            "--retain FILE, or set method.alpha=0 to train without one"
+        )
+    if needs.second_target and (second is None or len(second) != len(forget)):
+        raise UnlearnError(
+            f"method '{method.name}' needs a second answer for each of the {len(forget)} forget "
+            f"sequences, got {0 if second is None else len(second)}; use question/answer forget "
+            "data and give the method a second_targets hook"
+        )
+
+
+def _masks(method: Method, params: Any, model: torch.nn.Module) -> tuple[list, list]:
+    """(parameter, float mask, weight decay) for masked tensors, and the frozen rest."""
+    if method.parameter_mask is None:
+        return [], []
+    chosen = method.parameter_mask(model, params)
+    named = dict(model.named_parameters())
+    unknown = sorted(set(chosen) - set(named))
+    if unknown:
+        raise UnlearnError(f"method '{method.name}' masks unknown parameter {unknown[0]!r}")
+    out, frozen = [], []
+    for name, p in named.items():
+        mask = chosen.get(name)
+        if mask is None or not bool(mask.any()):
+            if p.requires_grad:
+                p.requires_grad_(False)  # no gradient, no optimizer state
+                frozen.append(p)
+            continue
+        if mask.shape != p.shape:
+            raise UnlearnError(
+                f"method '{method.name}': mask for {name} has shape {tuple(mask.shape)}, "
+                f"the parameter {tuple(p.shape)}"
+            )
+        out.append((p, mask.to(device=p.device, dtype=p.dtype), 0.0))
+    return out, frozen
+
+
+def _decays(name: str, p: torch.Tensor) -> bool:
+    return p.ndim >= 2 and "norm" not in name.lower()
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, masks: list) -> torch.optim.Optimizer:
+    """AdamW; masked tensors decay only on their selected entries (done by hand in `_apply`)."""
+    masked = {id(p) for p, _, _ in masks}
+    decay, no_decay, masked_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in masked and _decays(name, p):
+            masked_decay.append(p)
+        else:
+            (decay if _decays(name, p) else no_decay).append(p)
+    for i, (p, m, _) in enumerate(masks):
+        if any(p is q for q in masked_decay):
+            masks[i] = (p, m, cfg.weight_decay)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if masked_decay:
+        groups.append({"params": masked_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _scheduler(optimizer, cfg: TrainConfig, total: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.num_warmup_steps(total)
+    return get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total
+    )
+
+
+def _restore(run: _Run, resume: bool) -> tuple[int, int | None, list[dict[str, Any]]]:
+    """(first step to run, step resumed from, log history so far); checks the saved config."""
+    if not resume:
+        if run.log_path.exists() and run.accelerator.is_main_process:
+            run.log_path.unlink()
+        return 0, None, []
+    found = latest_checkpoint(run.output)
+    if found is None:
+        return 0, None, []
+    ckpt, step = found
+    progress = ckpt_io.read_progress(ckpt)
+    changes = ckpt_io.check_resume(progress.get("config"), run.fingerprint, ckpt)
+    run.accelerator.load_state(str(ckpt))
+    ckpt_io.apply_allowed(changes, run.optimizer, run.scheduler)
+    history = ckpt_io.truncate_log(run.log_path, step)
+    if changes:
+        note = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+        log.warning("resuming from step %d with changed settings: %s", step, note)
+        if run.accelerator.is_main_process:
+            with run.log_path.open("a") as fh:
+                fh.write(
+                    json.dumps({"event": "resume", "from_step": step, "changed": changes}) + "\n"
+                )
+    return step, step, history
+
+
+# ---------------------------------------------------------------------------- one step
+def _one_step(run: _Run, step: int) -> tuple[dict[str, float], float]:
+    """Accumulate every micro-batch's gradients, check them, apply the update."""
+    micros = run.steps[step]
+    sums: dict[str, float] = {}
+    bad: list[str] = []
+    for j, idx in enumerate(micros):
+        last = j == len(micros) - 1
+        terms = _forget_pass(run, idx, len(micros), bad, sync=last and run.retain is None)
+        if run.retain is not None:
+            r_idx = run.retain_plan[run.offsets[step] + j]
+            terms["loss"] += _retain_pass(run, r_idx, len(micros), terms, bad, sync=last)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / len(micros)
+    grad_norm = _finish_gradients(run, step, bad)
+    _apply(run)
+    return sums, grad_norm
+
+
+def _forward(run: _Run, model, items: list[Tokenized], idx: list[int], layers: tuple[int, ...]):
+    batch = collate([items[i] for i in idx], run.pad_id)
+    batch = {k: v.to(run.accelerator.device) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    flag = {"output_hidden_states": True} if layers else {}
+    return model(**batch, **flag), labels, batch
+
+
+def _ref_hidden(run: _Run, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    layers = run.needs.reference_hidden_layers
+    if not layers or run.ref_model is None:
+        return {}
+    with torch.no_grad(), run.accelerator.autocast():
+        return hidden(run.ref_model(**batch, output_hidden_states=True), layers)
+
+
+def _forget_pass(run: _Run, idx, n_micro: int, bad: list[str], sync: bool) -> dict[str, float]:
+    """Forward the forget (and second-answer) batch, backpropagate the method's forget loss."""
+    rank, world = run.accelerator.process_index, run.accelerator.num_processes
+    mine, weight = shard(idx, rank, world)
+    needs, device = run.needs, run.accelerator.device
+    out, labels, batch = _forward(run, run.model, run.forget, mine, needs.hidden_layers)
+    ref = batch_values(run.ref_forget, mine, labels.shape[1], device)
+    inputs = LossInputs(
+        forget_logits=out.logits,
+        forget_labels=labels,
+        defer_retain=run.retain is not None,
+        ref_forget=ref,
+        ref_forget_logp=ref.get("sequence_logp"),
+        forget_hidden=hidden(out, needs.hidden_layers) if needs.hidden_layers else {},
+        ref_forget_hidden=_ref_hidden(run, batch),
+    )
+    if needs.second_target and run.second is not None:
+        s_out, s_labels, _ = _forward(run, run.model, run.second, mine, ())
+        inputs.second_logits, inputs.second_labels = s_out.logits, s_labels
+        inputs.ref_second = batch_values(run.ref_second, mine, s_labels.shape[1], device)
+    loss, terms = run.method.loss(inputs, run.params)
+    terms = {"loss": float(loss.detach()), **terms}
+    if not torch.isfinite(loss.detach()):
+        bad.append(f"loss is {float(loss.detach())}")
+    _backward(run, loss * (weight / n_micro), sync)
+    return terms
+
+
+def _retain_pass(run: _Run, r_idx, n_micro: int, logs: dict, bad: list[str], sync: bool) -> float:
+    """weight * the declared retain term on its own batch, in a backward pass of its own."""
+    rank, world = run.accelerator.process_index, run.accelerator.num_processes
+    mine, share = shard(r_idx, rank, world)
+    term = run.needs.retain
+    assert term is not None and run.retain is not None
+    out, labels, batch = _forward(run, run.model, run.retain, mine, run.needs.hidden_layers)
+    inputs = LossInputs(
+        forget_logits=out.logits,
+        forget_labels=labels,
+        retain_logits=out.logits,
+        retain_labels=labels,
+        retain_hidden=hidden(out, run.needs.hidden_layers) if run.needs.hidden_layers else {},
+        ref_retain_hidden=_ref_hidden(run, batch),
+    )
+    if term.kind == "kl" and run.ref_model is not None:
+        with torch.no_grad(), run.accelerator.autocast():
+            inputs.ref_retain_logits = run.ref_model(**batch).logits
+    value = term.loss(inputs) if term.loss is not None else retain_term(term.kind, inputs)  # type: ignore[arg-type]
+    logs["retain_loss"] = float(value.detach())
+    loss = term.weight * value
+    if not torch.isfinite(loss.detach()):
+        bad.append(f"retain loss is {float(loss.detach())}")
+    _backward(run, loss * (share / n_micro), sync)
+    return float(loss.detach())
+
+
+def _backward(run: _Run, loss: torch.Tensor, sync: bool) -> None:
+    """Backward, letting DDP all-reduce gradients only on the last pass of an optimizer step."""
+    acc = run.accelerator
+    with contextlib.nullcontext() if sync else acc.no_sync(run.model):
+        acc.backward(loss)
+
+
+def _finish_gradients(run: _Run, step: int, bad: list[str]) -> float:
+    """Mask, measure (one fused norm, clipped if asked) and refuse non-finite gradients.
+
+    Every process reaches the same verdict: the norm is of the all-reduced gradients, and a
+    non-finite loss on any process is summed across processes before anyone raises.
+    """
+    for p, mask, _ in run.masks:
+        if p.grad is not None:
+            p.grad.mul_(mask)
+    params = [p for p in run.model.parameters() if p.grad is not None]
+    if run.cfg.max_grad_norm > 0:
+        norm = run.accelerator.clip_grad_norm_(params, run.cfg.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    flag = torch.tensor([float(bool(bad))], device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        flag = run.accelerator.reduce(flag, reduction="sum")
+    grad_norm = float(norm)
+    if bad or flag.item() > 0 or not torch.isfinite(torch.tensor(grad_norm)):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise _Diverged(step, bad[0] if bad else f"gradient norm is {grad_norm}")
+    return grad_norm
+
+
+def _apply(run: _Run) -> None:
+    """Weight decay on masked tensors' selected entries only, then the AdamW step."""
+    lr = run.scheduler.get_last_lr()[0]
+    with torch.no_grad():
+        for p, mask, wd in run.masks:
+            if wd:
+                p.mul_(1 - lr * wd * mask)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _log_step(run: _Run, completed: int, sums: dict, grad_norm: float, t0: float) -> dict:
+    cfg = run.cfg
+    logs: dict[str, Any] = {"step": completed}
+    if cfg.max_steps is None:
+        logs["epoch"] = round(completed / run.total * max(cfg.epochs, 1), 4)
+    logs.update({"lr": run.scheduler.get_last_lr()[0], **sums, "grad_norm": grad_norm})
+    logs["seconds"] = round(time.time() - t0, 3)
+    due = completed % max(cfg.log_every, 1) == 0 or completed == run.total
+    if run.accelerator.is_main_process and due:
+        with run.log_path.open("a") as fh:
+            fh.write(json.dumps(logs) + "\n")
+    return logs
 
 
 class _Diverged(Exception):

@@ -7,7 +7,8 @@ through the same functions.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import inspect
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,9 @@ from unlearn.outputs import (
 from unlearn.prompts import PromptFormatter, Tokenized, collate, tokenize_examples
 from unlearn.train.loop import StepCallback, plan_steps, train
 
-#: How many retain examples the before/after NLL check uses (a sample keeps it cheap).
-NLL_CHECK_RETAIN = 64
+#: How many forget and retain sequences the before/after NLL check uses at most (the first ones):
+#: its cost stays bounded for large forget sets; `unlearn eval` is the full measurement.
+NLL_CHECK_SEQUENCES = 64
 
 
 @dataclass
@@ -58,15 +60,24 @@ class Plan:
     command: str
 
     def describe(self) -> dict[str, Any]:
-        from unlearn.models import resolve_model
+        """Everything the run will do, resolved: model placement, method, prompt and training."""
+        from unlearn.models import describe_placement, resolve_model
 
-        resolved = resolve_model(self.config.model)
-        n_steps = len(plan_steps(max(len(self.forget), 1), self.config.train))
+        cfg = self.config
+        resolved = resolve_model(cfg.model)
+        n_steps = len(plan_steps(max(len(self.forget), 1), cfg.train))
         return {
             "command": self.command,
-            "model": {"spec": resolved.spec, "kind": resolved.kind, "source": resolved.path},
+            "model": {
+                "spec": resolved.spec,
+                "kind": resolved.kind,
+                "source": resolved.path,
+                **describe_placement(cfg.model, resolved),
+            },
             "method": self.method.name,
             "hyperparameters": dataclasses.asdict(self.params),
+            "prompt": to_dict(cfg.prompt),
+            "train": {**to_dict(cfg.train), "warmup_steps": cfg.train.num_warmup_steps(n_steps)},
             "forget_examples": len(self.forget),
             "retain_examples": len(self.retain) if self.retain is not None else 0,
             "uses_retain": self.method.needs_retain(self.params),
@@ -100,6 +111,14 @@ def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:
     from unlearn.models import resolve_model
 
     resolve_model(cfg.model)
+    total = len(plan_steps(max(len(forget), 1), cfg.train))
+    counted = all(e.kind == "qa" for e in forget)  # a document may yield several sequences
+    if counted and (cfg.train.warmup_steps or 0) > total:
+        raise UnlearnError(
+            f"train.warmup_steps={cfg.train.warmup_steps} is more than the run's {total} optimizer "
+            f"steps, so the learning rate would never reach train.lr; use at most {total} (or "
+            "train.warmup_ratio=1.0)"
+        )
     return Plan(cfg, method, params, forget, retain, command)
 
 
@@ -107,93 +126,117 @@ def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:
 def mean_nll(
     model: torch.nn.Module, items: list[Tokenized], pad_id: int, batch_size: int = 8
 ) -> float:
-    """Mean per-token NLL of the labelled tokens: the quick "did it forget" number in the manifest."""
-    from unlearn.losses import token_logprobs
+    """Mean per-token NLL of the labelled tokens: the quick "did it forget" number in the manifest.
+
+    Cheap by construction: sequences are batched in length order (little padding) and the
+    vocabulary projection runs only from the first position that predicts a labelled token
+    (`logits_to_keep`), not over system prompt and question.
+    """
+    from unlearn.losses import IGNORE_INDEX, token_logprobs
 
     was = model.training
     model.eval()
     device = next(model.parameters()).device
+    trims = "logits_to_keep" in inspect.signature(model.forward).parameters
+    order = sorted(items, key=lambda t: len(t.input_ids))
     total, count = 0.0, 0
-    for start in range(0, len(items), batch_size):
+    for start in range(0, len(order), batch_size):
         batch = {
-            k: v.to(device) for k, v in collate(items[start : start + batch_size], pad_id).items()
+            k: v.to(device) for k, v in collate(order[start : start + batch_size], pad_id).items()
         }
         labels = batch.pop("labels")
-        logp, mask = token_logprobs(model(**batch).logits, labels)
+        first = 0
+        if trims:
+            labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+            first = int(labelled.min()) if len(labelled) else 0
+            batch["logits_to_keep"] = labels.size(1) - first
+        logp, mask = token_logprobs(model(**batch).logits, labels[:, first:])
         total -= float(logp.sum())
         count += int(mask.sum())
     model.train(was)
     return total / max(count, 1)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _base_model_record(resolved, source: str) -> dict[str, Any]:
-    from unlearn.models import hash_model_files
+def _base_model_record(resolved, source: str, cache: Path) -> dict[str, Any]:
+    from unlearn.models import file_sha256, hash_model_files
 
     record: dict[str, Any] = {"spec": resolved.spec, "kind": resolved.kind}
     if resolved.kind in ("alias", "gguf"):
-        record["sha256"] = _file_sha256(Path(resolved.path))
+        record["sha256"] = file_sha256(resolved.path, cache)
         record["hashed"] = Path(resolved.path).name
     elif resolved.kind == "local":
-        record["sha256"] = hash_model_files(source)
+        record["sha256"] = hash_model_files(source, cache)
     else:
         record["sha256"] = None
         record["note"] = "hub model: identified by id and revision"
     return record
 
 
+def resolved_config(cfg: RunConfig, params: Any) -> dict[str, Any]:
+    """The run's config with every method hyperparameter filled in (what config.yaml holds).
+
+    Written so that `--config out/config.yaml` reruns exactly this run, even after a default changes.
+    """
+    tree = to_dict(cfg)
+    tree["method"] = {
+        "name": cfg.method["name"],
+        **json.loads(json.dumps(dataclasses.asdict(params))),
+    }
+    return tree
+
+
 def execute(
-    plan: Plan, callbacks: list[StepCallback] | None = None, nll_check: bool = True
+    plan: Plan, callbacks: list[StepCallback] | None = None, nll_check: bool | None = None
 ) -> RunResult:
-    """Load the model, train, save the model and manifest. The input model's files are only read."""
-    from unlearn.models import load_model_and_tokenizer, local_folder, resolve_model
+    """Load the model, train, save the model and manifest. The input model's files are only read.
+
+    `nll_check` (default: `train.nll_check`) measures forget/retain NLL before and after training.
+    Every phase's wall time goes into the manifest's `seconds`, so the cost around the loop shows.
+    """
+    from unlearn.models import cache_root, load_model_and_tokenizer, local_folder, resolve_model
 
     cfg = plan.config
-    t0 = time.time()
+    nll_check = cfg.train.nll_check if nll_check is None else nll_check
+    clock = _Clock()
     resolved = resolve_model(cfg.model)
     model_dir = resolved.path if resolved.kind == "local" else None
     out = prepare_output(cfg.output, model_dir, cfg.overwrite, cfg.resume)
     model, tokenizer, resolved = load_model_and_tokenizer(cfg.model)
     resolved_source = local_folder(resolved, cfg.model)
+    clock.lap("load")
     pad_id = tokenizer.pad_token_id
     formatter = PromptFormatter(tokenizer, cfg.prompt)
 
-    answers = None
-    if plan.method.forget_target == "refusal":
-        from unlearn.refusals import load_refusals, pick_refusal
-
-        refusals = load_refusals(getattr(plan.params, "refusals", None))
-        if any(e.kind != "qa" for e in plan.forget):
-            raise UnlearnError(
-                f"method '{plan.method.name}' replaces answers with refusals, so the forget data must "
-                "be question/answer records, not documents"
-            )
-        answers = [pick_refusal(refusals, i, cfg.train.seed) for i in range(len(plan.forget))]
+    # Forget targets are the method's declaration: its hooks may replace the data's answers
+    # (refusals) or add a second answer per example (DPO); see unlearn.methods.base.Method.
+    seed, method = cfg.train.seed, plan.method
+    answers = (
+        method.forget_targets(plan.forget, plan.params, seed) if method.forget_targets else None
+    )
     forget_items = tokenize_examples(plan.forget, formatter, answers)
+    second_items = None
+    if method.needs(plan.params).second_target and method.second_targets is not None:
+        second = method.second_targets(plan.forget, plan.params, seed)
+        second_items = tokenize_examples(plan.forget, formatter, second)
     retain_items = tokenize_examples(plan.retain, formatter) if plan.retain else None
     if not forget_items:
         raise UnlearnError("the forget data produced no training sequences (documents too short?)")
 
     # The "did it forget" numbers measure the original answers, not refusal targets.
+    n_check = NLL_CHECK_SEQUENCES if nll_check else 0
     check_forget = (
-        tokenize_examples(plan.forget, formatter) if answers is not None else forget_items
-    )
-    check_retain = (retain_items or [])[:NLL_CHECK_RETAIN]
+        tokenize_examples(plan.forget[:n_check], formatter) if answers is not None else forget_items
+    )[:n_check]
+    check_retain = (retain_items or [])[:n_check]
+    clock.lap("tokenize")
     before: dict[str, float] = {}
     if nll_check and not cfg.resume:
-        before = {"forget_nll": mean_nll(model, check_forget, pad_id)}
-        if check_retain:
-            before["retain_nll"] = mean_nll(model, check_retain, pad_id)
+        before = _nll_pair(model, check_forget, check_retain, pad_id)
+    clock.lap("nll_check")
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    config_text = yaml.safe_dump(resolved_config(cfg, plan.params), sort_keys=False)
+    atomic_write_text(out / CONFIG_FILE, config_text)
     result = train(
         model,
         plan.method,
@@ -205,12 +248,13 @@ def execute(
         retain=retain_items,
         resume=cfg.resume,
         callbacks=callbacks,
+        second=second_items,
     )
+    clock.lap("train")
     after: dict[str, float] = {}
     if nll_check:
-        after = {"forget_nll": mean_nll(model, check_forget, pad_id)}
-        if check_retain:
-            after["retain_nll"] = mean_nll(model, check_retain, pad_id)
+        after = _nll_pair(model, check_forget, check_retain, pad_id)
+    clock.lap("nll_check")
 
     save_model(model, tokenizer, out)
     metrics: dict[str, Any] = {"steps": result.steps, "final_losses": result.final_logs}
@@ -224,29 +268,60 @@ def execute(
         "citation": plan.method.citation,
         "seed": cfg.train.seed,
         "versions": versions(),
-        "base_model": _base_model_record(resolved, resolved_source),
+        "base_model": _base_model_record(resolved, resolved_source, cache_root(cfg.model)),
         "data": {
             "forget": _data_record(cfg.forget, plan.forget),
             "retain": _data_record(cfg.retain, plan.retain) if plan.retain else None,
             "forget_sequences": len(forget_items),
+            "nll_check_forget_sequences": len(check_forget),
             "nll_check_retain_examples": len(check_retain),
         },
         "steps": result.steps,
         "resumed_from_step": result.resumed_from,
-        "wall_seconds": round(time.time() - t0, 2),
+        "seconds": clock.seconds,  # filled in below, once saving is done
         "train_seconds": round(result.wall_seconds, 2),
         "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "metrics": metrics,
         "log": str(Path(result.log_path).relative_to(out)),
-        "config": to_dict(cfg),
+        "config": resolved_config(cfg, plan.params),
     }
-    atomic_write_json(out / MANIFEST, manifest)
+    clock.lap("save")
+    reference = getattr(result, "reference_seconds", None)  # part of "train", before step 1
+    if reference is not None:
+        clock.seconds["reference"] = round(reference, 2)
+    manifest["wall_seconds"] = clock.total()
+    atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the run finished
     if not cfg.train.keep_checkpoints:
         import shutil
 
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return RunResult(output=out, metrics=metrics, manifest=manifest)
+
+
+class _Clock:
+    """Wall seconds per phase of a run (a phase seen twice, like the NLL check, adds up)."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self.mark, 2)
+        self.mark = now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 2)
+
+
+def _nll_pair(
+    model: torch.nn.Module, forget: list[Tokenized], retain: list[Tokenized], pad_id: int
+) -> dict[str, float]:
+    values = {"forget_nll": mean_nll(model, forget, pad_id)}
+    if retain:
+        values["retain_nll"] = mean_nll(model, retain, pad_id)
+    return values
 
 
 def _data_record(cfg: DataConfig | None, examples: list[Example] | None) -> dict[str, Any]:

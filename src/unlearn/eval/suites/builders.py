@@ -8,6 +8,7 @@ is generated; `custom` takes the user's own files and applies only the metrics t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,71 @@ def _finish(rows: list[dict[str, Any]], where: str, kind: str = "qa") -> list[di
                     f"{where}: row {i} needs text columns 'question' and 'answer' (has {sorted(row)})"
                 )
             digest = content_hash(row["question"], row["answer"])
+            row = {**row, **_alternatives(row, i, where)}
         else:
             digest = content_hash(row["text"])
         out.append({**row, "id": str(row.get("id", i)), "sha256": digest})
     if not out:
         raise UnlearnError(f"{where} is empty")
+    _same_perturbed_count(out, where)
     return out
+
+
+def _missing(value: Any) -> bool:
+    """An absent cell: None, or the NaN pandas reads from an empty CSV cell."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _alternatives(row: dict[str, Any], i: int, where: str) -> dict[str, Any]:
+    """`paraphrased_answer` (a string) and `perturbed_answer` (a list of strings), checked.
+
+    A file that cannot hold lists (CSV) gives `perturbed_answer` as a JSON-encoded list,
+    e.g. `["Paris.", "Rome."]`; any other string is refused rather than read character by
+    character.
+    """
+    para, pert = row.get("paraphrased_answer"), row.get("perturbed_answer")
+    if _missing(para):
+        para = None
+    elif not isinstance(para, str):
+        raise UnlearnError(f"{where}: row {i} paraphrased_answer must be text")
+    if _missing(pert):
+        pert = None
+    elif isinstance(pert, str):
+        try:
+            pert = json.loads(pert)
+        except json.JSONDecodeError:
+            pert = None if not pert.strip() else pert
+        if isinstance(pert, str):
+            raise UnlearnError(
+                f"{where}: row {i} perturbed_answer is a plain string; write the wrong answers "
+                'as a JSON list of strings, e.g. ["Rome.", "Madrid."]'
+            )
+    if pert is not None:
+        pert = (
+            list(pert) if not isinstance(pert, (str, dict)) and hasattr(pert, "__iter__") else pert
+        )
+        if not isinstance(pert, list) or not all(isinstance(p, str) and p for p in pert):
+            raise UnlearnError(
+                f"{where}: row {i} perturbed_answer must be a list of non-empty strings"
+            )
+    return {"paraphrased_answer": para, "perturbed_answer": pert}
+
+
+def _same_perturbed_count(rows: list[dict[str, Any]], where: str) -> None:
+    """Truth ratio averages K wrong answers per row: every row must have the same K."""
+    counts = {len(r["perturbed_answer"]) for r in rows if r.get("perturbed_answer")}
+    if len(counts) > 1:
+        first = next(i for i, r in enumerate(rows) if r.get("perturbed_answer"))
+        k = len(rows[first]["perturbed_answer"])
+        odd = next(
+            i
+            for i, r in enumerate(rows)
+            if r.get("perturbed_answer") and len(r["perturbed_answer"]) != k
+        )
+        raise UnlearnError(
+            f"{where}: row {odd} has {len(rows[odd]['perturbed_answer'])} perturbed answers but "
+            f"row {first} has {k}; give every row the same number (truth ratio compares them)"
+        )
 
 
 def _tofu_rows(config: str, data_dir: str | None) -> tuple[list[dict[str, Any]], str]:

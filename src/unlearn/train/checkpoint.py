@@ -1,0 +1,155 @@
+"""Checkpoints that `--resume` can trust: atomic, labelled with the completed step and the config.
+
+Each checkpoint folder holds accelerate's state plus `progress.json` = {"step": completed optimizer
+steps, "config": the resolved settings that decide what the remaining steps compute}. On resume a
+changed setting is refused with the list of differences, except the few that are safe to change
+mid-run (`ALLOWED`), which are applied explicitly and announced: restoring the optimizer and
+scheduler state would otherwise silently keep the old learning rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from unlearn.config import TrainConfig
+from unlearn.errors import UnlearnError
+from unlearn.prompts import Tokenized
+
+CHECKPOINTS = "checkpoints"
+PROGRESS = "progress.json"
+#: Settings that may differ on --resume: they change no batch and no gradient of the steps left
+#: (lr changes the update size, and is applied to the restored optimizer and scheduler).
+ALLOWED = (
+    "train.lr",
+    "train.log_every",
+    "train.save_every",
+    "train.progress",
+    "train.keep_checkpoints",
+    "train.nll_check",
+)
+
+log = logging.getLogger("unlearn")
+
+
+def items_hash(items: list[Tokenized] | None) -> str | None:
+    """A digest of the token ids and labels: any change of data, prompt or tokenizer changes it."""
+    if items is None:
+        return None
+    h = hashlib.sha256()
+    for t in items:
+        h.update(json.dumps([t.input_ids, t.labels]).encode())
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(
+    cfg: TrainConfig, method: str, params: Any, data: dict[str, str | None]
+) -> dict[str, Any]:
+    """The flat {dotted key: value} of everything a checkpoint's remaining steps depend on."""
+    out: dict[str, Any] = {f"train.{k}": v for k, v in dataclasses.asdict(cfg).items()}
+    out["method.name"] = method
+    if dataclasses.is_dataclass(params):
+        out.update({f"method.{k}": v for k, v in dataclasses.asdict(params).items()})
+    out.update({f"data.{k}": v for k, v in data.items()})
+    return json.loads(json.dumps(out, default=str))  # as it reads back from JSON
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved, now)} for every setting that differs."""
+    keys = sorted(set(saved) | set(now))
+    return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+
+
+def check_resume(saved: dict[str, Any] | None, now: dict[str, Any], ckpt: Path) -> dict[str, Any]:
+    """The allowed changes to apply; a refused change raises one line listing all of them."""
+    if saved is None:  # a checkpoint from before configs were saved: nothing to compare
+        log.warning("checkpoint %s records no config; resuming without checking it", ckpt)
+        return {}
+    changes = config_changes(saved, now)
+    refused = {k: v for k, v in changes.items() if k not in ALLOWED}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise UnlearnError(
+            f"cannot --resume from {ckpt}: the config changed since it was saved ({listed}); "
+            f"restore those settings, or start over with --overwrite (only {', '.join(ALLOWED)} "
+            "may change on resume)"
+        )
+    return {k: b for k, (a, b) in changes.items()}
+
+
+def latest_checkpoint(output: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint and its completed-step count, or None."""
+    root = output / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    found = []
+    for d in root.iterdir():
+        if d.is_dir() and d.name.startswith("step-") and (d / PROGRESS).is_file():
+            found.append((int(d.name.split("-", 1)[1]), d))
+    if not found:
+        return None
+    step, path = max(found)
+    return path, step
+
+
+def read_progress(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / PROGRESS).read_text())
+
+
+def save_checkpoint(accelerator, output: Path, step: int, fingerprint: dict[str, Any]) -> Path:
+    """Write `step-N` atomically (staging folder, then rename), then drop older checkpoints only."""
+    root = output / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    if final.exists():
+        return final
+    staging = root / f".tmp-step-{step}"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging), safe_serialization=False)
+    if accelerator.is_main_process:
+        progress = {"step": step, "config": fingerprint}
+        (staging / PROGRESS).write_text(json.dumps(progress))
+        os.replace(staging, final)
+        for d in root.iterdir():
+            if d.name.startswith("step-") and int(d.name.split("-", 1)[1]) < step:
+                shutil.rmtree(d, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
+    """On resume, drop log lines past the checkpoint so the log reads like one clean run."""
+    if not path.is_file():
+        return []
+    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in kept if r.get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+    return [r for r in kept if "step" in r]
+
+
+def apply_allowed(changes: dict[str, Any], optimizer, scheduler) -> None:
+    """Make a changed train.lr real in the restored optimizer and scheduler.
+
+    The scheduler's multiplier at the current step is kept; its base learning rates (and the param
+    groups' initial_lr) become the new lr, and every group's current lr is recomputed from them.
+    """
+    if "train.lr" not in changes:
+        return
+    lr = float(changes["train.lr"])
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the torch scheduler
+    inner.base_lrs = [lr for _ in inner.base_lrs]
+    factors = [f(inner.last_epoch) for f in inner.lr_lambdas]
+    for group, factor in zip(optimizer.param_groups, factors, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor
+    inner._last_lr = [g["lr"] for g in optimizer.param_groups]

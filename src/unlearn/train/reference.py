@@ -1,0 +1,91 @@
+"""Values of the starting model that methods compare against, computed once before training.
+
+Methods that need log pi_ref on the forget set (NPO's sequence log-prob, per-token log-probs or
+full logits for distillation-style methods) get them from one pass over the forget examples before
+the first step, so no second model sits in memory for them. Only what depends on batches that
+change during training (a KL retain term, reference hidden states) keeps a frozen copy, placed by
+accelerate on this process's device.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from unlearn.losses import token_logprobs
+from unlearn.prompts import Tokenized, collate
+
+
+@torch.no_grad()
+def reference_values(
+    model: torch.nn.Module,
+    items: list[Tokenized],
+    pad_id: int,
+    kinds: tuple[str, ...],
+    batch_size: int = 8,
+) -> dict[str, list[torch.Tensor]]:
+    """{kind: one CPU tensor per item} under the model as it is now, in a single pass.
+
+    sequence_logp: log pi(y|x) summed over answer tokens (a scalar per item); token_logp: the
+    per-token log-probs of `losses.token_logprobs` ([T-1], 0 off the answer); logits: [T, V].
+    """
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+    if not kinds:
+        return out
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        logp, _ = token_logprobs(logits, labels)
+        for row, item in enumerate(chunk):
+            n = len(item.input_ids)
+            if "sequence_logp" in kinds:
+                out["sequence_logp"].append(logp[row].sum().float().cpu())
+            if "token_logp" in kinds:
+                out["token_logp"].append(logp[row, : n - 1].float().cpu())
+            if "logits" in kinds:
+                out["logits"].append(logits[row, :n].float().cpu())
+    model.train(was_training)
+    return out
+
+
+def reference_logps(
+    model: torch.nn.Module, items: list[Tokenized], pad_id: int, batch_size: int = 8
+) -> torch.Tensor:
+    """log pi_ref(y|x) of every item [N], summed over answer tokens."""
+    values = reference_values(model, items, pad_id, ("sequence_logp",), batch_size)
+    return torch.stack(values["sequence_logp"])
+
+
+def batch_values(
+    values: dict[str, list[torch.Tensor]], idx: list[int], width: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The cached values of a micro-batch, right-padded with zeros to its collated `width`."""
+    out: dict[str, torch.Tensor] = {}
+    for kind, per_item in values.items():
+        rows = [per_item[i] for i in idx]
+        if kind == "sequence_logp":
+            out[kind] = torch.stack(rows).to(device)
+            continue
+        size = width - 1 if kind == "token_logp" else width
+        padded = rows[0].new_zeros((len(rows), size, *rows[0].shape[1:]))
+        for r, value in enumerate(rows):
+            padded[r, : value.shape[0]] = value
+        out[kind] = padded.to(device)
+    return out
+
+
+def frozen_copy(model: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """A frozen eval-mode copy of the starting model on this process's device (not DDP-wrapped)."""
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    return accelerator.prepare_model(ref, evaluation_mode=True)
+
+
+def hidden(outputs, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """{layer: hidden state} picked from a model output run with output_hidden_states=True."""
+    return {layer: outputs.hidden_states[layer] for layer in layers}

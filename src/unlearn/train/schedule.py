@@ -1,0 +1,67 @@
+"""The batch schedule: which examples every step sees, as a pure function of (seed, step).
+
+Forget micro-batches walk a seeded permutation per epoch and each is paired with the next retain
+micro-batch of a seeded retain stream, so a resumed run sees exactly the batches an uninterrupted
+run would, and every process of a multi-process run agrees on the global batch without talking.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unlearn.config import TrainConfig
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def plan_steps(n_forget: int, cfg: TrainConfig) -> list[list[list[int]]]:
+    """The whole run's forget batches: steps -> micro-batches -> example positions.
+
+    An epoch is one pass over the forget set; with `max_steps` the epochs repeat as needed.
+    """
+    steps: list[list[list[int]]] = []
+    epoch = 0
+    target = cfg.max_steps
+    while True:
+        order = _epoch_order(n_forget, cfg.seed, epoch)
+        micro = [order[i : i + cfg.batch_size] for i in range(0, n_forget, cfg.batch_size)]
+        for i in range(0, len(micro), cfg.grad_accum):
+            steps.append(micro[i : i + cfg.grad_accum])
+            if target is not None and len(steps) >= target:
+                return steps
+        epoch += 1
+        if target is None and epoch >= cfg.epochs:
+            return steps
+
+
+def retain_stream(n_retain: int, count: int, size: int, seed: int) -> list[list[int]]:
+    """`count` retain micro-batches of `size`, cycling through seeded permutations."""
+    out: list[list[int]] = []
+    buffer: list[int] = []
+    cycle = 0
+    while len(out) < count:
+        while len(buffer) < size:
+            buffer += _epoch_order(n_retain, seed + 7919, cycle)
+            cycle += 1
+        out.append(buffer[:size])
+        buffer = buffer[size:]
+    return out
+
+
+def shard(idx: list[int], rank: int, world: int) -> tuple[list[int], float]:
+    """This process's part of a global micro-batch, and the weight that keeps the global mean.
+
+    Data-parallel training averages the processes' gradients, so a process holding b_r of the B
+    examples must weigh its per-example-mean loss by world * b_r / B for the average to be the
+    loss of the whole micro-batch. A process with no example (B < world) still runs one example,
+    with weight 0, so that every process takes part in the gradient all-reduce. Exact for losses
+    that average over examples; losses that average over tokens (NLL) are exact when the shards
+    hold equally many answer tokens, as in Hugging Face's Trainer.
+    """
+    mine = idx[rank::world]
+    if not mine:
+        return idx[:1], 0.0
+    return mine, world * len(mine) / len(idx)
