@@ -94,7 +94,8 @@ def test_forget_end_to_end_writes_model_and_private_manifest(
     assert manifest["config"]["method"] == written["method"]
     # the cost of each phase is visible, in the manifest and in the summary
     seconds = manifest["seconds"]
-    assert {"load", "tokenize", "nll_check", "train", "save"} <= set(seconds)
+    assert {"load", "tokenize", "nll_check", "train", "save", "reference"} <= set(seconds)
+    assert 0 <= seconds["reference"] <= seconds["train"]  # NPO's one reference pass, inside train
     assert all(v >= 0 for v in seconds.values())
     assert sum(seconds[k] for k in ("load", "tokenize", "nll_check", "train", "save")) == (
         pytest.approx(manifest["wall_seconds"], abs=0.1)
@@ -208,7 +209,9 @@ def test_dry_run_loads_no_model_and_writes_nothing(capsys, qa_files, tmp_path):
     plan = json.loads(out)
     assert plan["model"]["kind"] == "hub" and plan["method"] == "npo"
     assert plan["forget_examples"] == 6 and plan["optimizer_steps"] == 6  # 3 epochs x ceil(6/4)
-    assert plan["caches_reference_logp"] and not plan["keeps_reference_model"]
+    assert (
+        plan["caches_reference_values"] == ["sequence_logp"] and not plan["keeps_reference_model"]
+    )
     assert not (tmp_path / "o").exists()
     # prompt, training settings and where the model will run are part of the plan
     assert plan["prompt"]["template"] == "auto" and plan["prompt"]["max_length"] == 256
@@ -230,6 +233,9 @@ def test_example_config_dry_run(capsys, monkeypatch):
         "examples/tofu_npo.yaml",
         "method.beta=0.2",
         "train.epochs=3",
+        # the example reads TOFU from the hub; offline, the same files from the local copy
+        f"forget.path={TOFU / 'forget01.json'}",
+        f"retain.path={TOFU / 'retain99.json'}",
         "--dry-run",
     )
     assert code == 0, err

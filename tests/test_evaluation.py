@@ -193,6 +193,12 @@ def test_score_suite_truth_ratios_and_utility_by_hand():
     # utility probability is normalised over the true and perturbed answers
     p0 = math.exp(-1.0) / (math.exp(-1.0) + math.exp(-2.0) + math.exp(-3.0))
     assert per["real_authors"]["probability"][0] == pytest.approx(p0)
+    # ... and reported raw too (OpenUnlearning's ra_Q_A_Prob), on utility sets only
+    assert metrics["real_authors_raw_probability"] == pytest.approx(np.mean(np.exp([-1.0, -0.8])))
+    assert metrics["world_facts_raw_probability"] == pytest.approx(
+        np.mean(np.exp([-0.3, -0.9, -0.4]))
+    )
+    assert "forget_raw_probability" not in metrics and "retain_raw_probability" not in metrics
     assert metrics["retain_probability"] == pytest.approx(np.mean(np.exp([-0.5, -0.7])))
     assert metrics["retain_rouge_l_recall"] == pytest.approx(1.0)
     # model utility: harmonic mean of the 9 values

@@ -15,7 +15,7 @@ from unlearn.data import Example
 from unlearn.errors import TrainingDiverged, UnlearnError
 from unlearn.methods import METHODS, get_method
 from unlearn.methods.base import Method
-from unlearn.prompts import PromptFormatter, tokenize_examples
+from unlearn.prompts import PromptFormatter, collate, tokenize_examples
 from unlearn.train.loop import latest_checkpoint, plan_steps, retain_stream, train
 from unlearn.train.run import mean_nll
 
@@ -552,3 +552,111 @@ def test_deepspeed_and_fsdp_are_refused_in_one_line(kind):
     with pytest.raises(UnlearnError, match=r"not supported yet.*DDP"):
         _refuse_unsupported(SimpleNamespace(distributed_type=DistributedType[kind]))
     _refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"), [("grad_diff", []), ("grad_ascent", []), ("npo", []), ("finetune", [])]
+)
+def test_shared_prefix_and_kept_logits_change_nothing(
+    name, extra, target_dir, qa_files, tmp_path, monkeypatch
+):
+    """The loop runs a batch's common first tokens once and computes logits from the position
+    before its first answer token on; the weights after training equal those of a run that
+    feeds every row whole and computes logits at every position."""
+    import unlearn.train.loop as loop
+
+    forget, retain = qa_files
+    over = [*FAST, "train.lr=1e-3", "train.max_steps=3", "train.nll_check=false", *extra]
+    shared_calls = []
+    prefix_forward = loop._prefix_forward
+
+    def counted(*args):
+        shared_calls.append(args[2])
+        return prefix_forward(*args)
+
+    monkeypatch.setattr(loop, "_prefix_forward", counted)
+    runs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(loop, "takes_logits_to_keep", lambda m, fast=fast: fast)
+        monkeypatch.setattr(loop, "_can_share_prefix", lambda a, m, fast=fast: fast)
+        out = tmp_path / f"fast-{fast}"
+        if name == "finetune":
+            unlearn.finetune(str(target_dir), str(forget), str(out), overrides=over)
+        else:
+            unlearn.forget(
+                str(target_dir), str(forget), str(retain), name, str(out), overrides=over
+            )
+        runs[fast] = _weights(out)
+        if fast:
+            assert shared_calls and min(shared_calls) >= 4  # the chat template's opening
+            n_shared = len(shared_calls)
+    assert len(shared_calls) == n_shared  # the slow run never took the shared path
+    base = _weights(target_dir)
+    for key, value in runs[True].items():
+        assert torch.allclose(value, runs[False][key], atol=1e-5), (
+            key,
+            float((value - runs[False][key]).abs().max()),
+        )
+    assert any(not torch.equal(v, base[k]) for k, v in runs[True].items())
+
+
+def test_shared_prefix_gives_the_kl_retain_term_and_its_gradients(tiny_model_dir):
+    """A KL retain term through the shared-prefix path: same logits, KL and gradients as the
+    whole batch. (Compared directly: at the start a KL's gradient is rounding noise, which AdamW
+    scales to updates of ~lr/10 whichever path made it, so trained weights are no test here.)"""
+    import copy
+
+    from unlearn.train.loop import _prefix_forward, _shared_prefix, kept_positions
+
+    model, tok, _, items = _tiny(tiny_model_dir, 3)
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():  # a model that has moved away from its reference
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    batch = collate(items, tok.pad_token_id)
+    labels = batch.pop("labels")
+    kept = kept_positions(labels)
+    shared = _shared_prefix(batch, kept)
+    assert shared >= 4 and kept is not None
+    with torch.no_grad():
+        ref_logits = ref(**batch, logits_to_keep=kept).logits
+    results = []
+    for fast in (False, True):
+        model.zero_grad()
+        out = (
+            _prefix_forward(model, batch, shared, {"logits_to_keep": kept})
+            if fast
+            else model(**batch, logits_to_keep=kept)
+        )
+        kl = losses.kl_to_reference(out.logits, ref_logits, labels[:, -kept:])
+        kl.backward()
+        results.append(
+            (out.logits.detach(), kl.detach(), [p.grad.clone() for p in model.parameters()])
+        )
+    (l0, k0, g0), (l1, k1, g1) = results
+    assert float(k0) > 1e-3
+    assert torch.allclose(l0, l1, atol=1e-5) and torch.allclose(k0, k1, rtol=1e-5)
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_shared_prefix_length():
+    from unlearn.train.loop import _shared_prefix
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0], [1, 2, 3, 4, 5, 9, 9, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0], [1] * 8])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    assert _shared_prefix(batch, kept=3) == 5
+    assert _shared_prefix(batch, kept=4) == 4  # the kept logits' positions run in the batch
+    assert _shared_prefix(batch, kept=6) == 0  # under 4 shared tokens: not worth a second call
+    assert _shared_prefix(batch, kept=None) == 0
+    assert _shared_prefix({k: v[:1] for k, v in batch.items()}, kept=3) == 0  # one row
+
+
+def test_kept_positions_start_one_before_the_first_scored_token():
+    from unlearn.train.loop import kept_positions
+
+    labels = torch.tensor([[-100, -100, -100, 5, 6], [-100, -100, -100, -100, 7]])
+    assert kept_positions(labels) == 3  # positions 2..4: position 2 predicts the first answer token
+    assert kept_positions(torch.full((2, 4), -100)) is None
+    assert kept_positions(torch.tensor([[-100, 3, 4]])) is None  # nothing worth cutting

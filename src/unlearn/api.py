@@ -30,17 +30,20 @@ if TYPE_CHECKING:
 __all__ = ["Plan", "RunResult", "finetune", "forget", "resolve_config"]
 
 
+def _config_tree(config: str | Path | dict[str, Any] | None) -> dict[str, Any]:
+    """The nested settings of a YAML file, a dict, or nothing, before arguments and overrides."""
+    if isinstance(config, dict):
+        return dict(config)
+    return load_yaml(config) if config is not None else {}
+
+
 def resolve_config(
     config: str | Path | dict[str, Any] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     **fields: Any,
 ) -> RunConfig:
     """YAML file (or dict) < explicit arguments < dotted overrides, validated."""
-    tree: dict[str, Any] = {}
-    if isinstance(config, dict):
-        tree = dict(config)
-    elif config is not None:
-        tree = load_yaml(config)
+    tree = _config_tree(config)
     flat = []
     for key, value in fields.items():
         if value is None:
@@ -157,11 +160,7 @@ def resolve_eval_config(
     **fields: Any,
 ) -> EvalConfig:
     """`unlearn eval`'s settings: YAML file (or dict) < explicit arguments < dotted overrides."""
-    tree: dict[str, Any] = {}
-    if isinstance(config, dict):
-        tree = dict(config)
-    elif config is not None:
-        tree = load_yaml(config)
+    tree = _config_tree(config)
     flat = []
     for key, value in fields.items():
         if value is None:

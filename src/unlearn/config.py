@@ -325,11 +325,14 @@ class EvalPromptConfig:
 class GenerationConfig:
     """Greedy generation for the ROUGE and keyword metrics (TOFU's / OpenUnlearning's 200 tokens).
 
-    batch_size: sequences per forward batch, for teacher-forced scoring and generation alike.
+    batch_size: rows decoded together (finished rows leave and waiting prompts take their place).
+        On SmolLM2 on a 2-core CPU with 200 new tokens, 128 questions decoded at 264 tokens/s with
+        128 rows, 206 with 64 and 167 with 32 (identical answers); lower it for a large model on a
+        small GPU (the KV cache grows with rows x length).
     """
 
     max_new_tokens: int = 200
-    batch_size: int = 32
+    batch_size: int = 128
 
 
 @dataclass

@@ -130,6 +130,7 @@ def run_demo(
         "train.warmup_ratio=0.1",
         f"prompt.max_length={s.max_length}",
         f"train.seed={s.seed}",
+        "train.nll_check=false",  # the demo's evaluations measure what the check would
     ]
     if fresh and cache.exists():
         shutil.rmtree(cache)
@@ -167,6 +168,7 @@ def run_demo(
             f"train.batch_size={s.unlearn_batch}",
             f"prompt.max_length={s.max_length}",
             f"train.seed={s.seed}",
+            "train.nll_check=false",
             *method_over,
         ],
     )

@@ -12,7 +12,6 @@ reference model reads the reference's saved records and never runs that model ag
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from pathlib import Path
@@ -39,19 +38,6 @@ RECORDS = "records"
 
 
 # ---------------------------------------------------------------------------- running the model
-def _grad_norms():
-    try:
-        from unlearn.eval.gradnorm import grad_norms
-    except ImportError:  # before the gradient-norm attack moved out of the records engine
-        from unlearn.eval.records import grad_norms  # type: ignore[no-redef]
-    return grad_norms
-
-
-def _with_score_end(fn, score_end: bool) -> dict[str, Any]:
-    """`score_end` for a records function that takes it (the engine gained it with the protocol)."""
-    return {"score_end": score_end} if "score_end" in inspect.signature(fn).parameters else {}
-
-
 def run_records(
     model,
     formatter,
@@ -61,6 +47,7 @@ def run_records(
     progress: bool = True,
     mia_gradnorm: bool = False,
     score_end: bool = True,
+    generation_batch: int | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
     """Per dataset, one pass over its prompts serves teacher forcing and generation -> records.
 
@@ -70,9 +57,10 @@ def run_records(
     """
     from tqdm.auto import tqdm
 
+    from unlearn.eval.gradnorm import grad_norms
     from unlearn.eval.records import PassStats, ScoreItem, score, score_and_generate
 
-    grad_norms = _grad_norms() if mia_gradnorm else None
+    gen_batch = {"generation_batch": generation_batch} if generation_batch else {}
     stats = PassStats()
     out: dict[str, list[dict[str, Any]]] = {}
     bar = tqdm(suite.sets, desc="eval", unit="set", disable=not progress)
@@ -85,7 +73,7 @@ def run_records(
                 {"id": r["id"], "sha256": r["sha256"], "answer": sc.to_dict()}
                 for r, sc in zip(s.rows, scores, strict=True)
             ]
-            if grad_norms is not None and s.name in ("forget", "holdout"):
+            if mia_gradnorm and s.name in ("forget", "holdout"):
                 for rec, g in zip(out[s.name], grad_norms(model, formatter, docs), strict=True):
                     rec["grad_norm"] = g
             continue
@@ -110,7 +98,8 @@ def run_records(
             max_new_tokens,
             batch_size,
             stats=stats,
-            **_with_score_end(score_and_generate, score_end),
+            score_end=score_end,
+            **gen_batch,
         )
         recs: list[dict[str, Any]] = [{"id": r["id"], "sha256": r["sha256"]} for r in s.rows]
         for (i, variant, _k), sc in zip(layout, scores, strict=True):
@@ -121,9 +110,10 @@ def run_records(
                 recs[i][variant] = d
         for rec, g in zip(recs if questions else [], gens, strict=True):
             rec["generation"] = g
-        if grad_norms is not None and s.name in ("forget", "holdout"):
+        if mia_gradnorm and s.name in ("forget", "holdout"):
             answers = [ScoreItem(r["question"], r["answer"]) for r in s.rows]
-            for rec, g in zip(recs, grad_norms(model, formatter, answers), strict=True):
+            norms = grad_norms(model, formatter, answers, score_end=score_end)
+            for rec, g in zip(recs, norms, strict=True):
                 rec["grad_norm"] = g
         out[s.name] = recs
     info = {
@@ -132,7 +122,7 @@ def run_records(
         "forward_batches": stats.batches,
         "forward_tokens": stats.padded_tokens,
         "generated_tokens": stats.generated,
-        "truncated": int(getattr(stats, "truncated", 0)),
+        "truncated": stats.truncated,
     }
     return out, info
 
@@ -250,10 +240,11 @@ def run_evaluation(
         formatter,
         suite,
         cfg.generation.max_new_tokens,
-        cfg.generation.batch_size,
+        32,  # teacher-forced rows per batch (also capped at 4096 tokens)
         progress,
         cfg.mia_gradnorm,
         cfg.score.end_of_turn,
+        generation_batch=cfg.generation.batch_size,
     )
     metrics, skipped, per_example = score_suite(suite, records, ref_records)
     folder = local_folder(resolved, mcfg)

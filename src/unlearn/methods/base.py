@@ -81,7 +81,10 @@ class Needs:
 class LossInputs:
     """One micro-batch's model outputs and cached values.
 
-    forget_logits / forget_labels: the model on the forget batch, [B, T, V] and [B, T] (-100 masked).
+    forget_logits / forget_labels: the model on the forget batch, [B, T, V] and [B, T] (-100 masked),
+        where T counts positions from the one before the batch's first answer token (prompt
+        positions before it carry no loss, so the loop computes no logits there; cached reference
+        values and reference logits are cut the same way).
     retain_logits / retain_labels: the model on the paired retain batch, or None if not requested.
     ref_forget_logp: log pi_ref(y|x) summed over answer tokens [B] (= ref_forget["sequence_logp"]).
     ref_forget: the declared cached reference values on the forget batch (see `Needs.reference`).

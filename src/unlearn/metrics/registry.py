@@ -203,6 +203,12 @@ def _probability(data: SetData) -> PerExample:
     return {"probability": probability(lp)}
 
 
+def _raw_probability(data: SetData) -> PerExample:
+    """The answer's own probability on a utility set, before normalising over the perturbed
+    answers (OpenUnlearning's `ra_Q_A_Prob` / `wf_Q_A_Prob`, next to their `_normalised` forms)."""
+    return {"raw_probability": probability(_answer_mean_lp(data))}
+
+
 def _truth_ratio(data: SetData) -> PerExample:
     return {"truth_ratio": _truth_ratios(data)}
 
@@ -239,6 +245,16 @@ SET_METRICS: tuple[SetMetric, ...] = (
         "extraction_strength", _extraction_strength, mean, "mean", frozenset({"answer.top1"})
     ),
     SetMetric("probability", _probability, mean, "mean", _SUM | _PERTURBED, kinds=("qa",)),
+    SetMetric(
+        "raw_probability",
+        _raw_probability,
+        mean,
+        "mean",
+        _SUM,
+        kinds=("qa",),
+        roles=("utility",),
+        needs_perturbed=True,
+    ),
     SetMetric(
         "truth_ratio",
         _truth_ratio,
@@ -423,9 +439,11 @@ OPENUNLEARNING_KEYS: dict[str, str] = {
     "retain_truth_ratio": "retain_Truth_Ratio",
     "retain_extraction_strength": "retain_extraction_strength",
     "real_authors_probability": "ra_Q_A_Prob_normalised",
+    "real_authors_raw_probability": "ra_Q_A_Prob",
     "real_authors_rouge_l_recall": "ra_Q_A_ROUGE",
     "real_authors_truth_ratio": "ra_Truth_Ratio",
     "world_facts_probability": "wf_Q_A_Prob_normalised",
+    "world_facts_raw_probability": "wf_Q_A_Prob",
     "world_facts_rouge_l_recall": "wf_Q_A_ROUGE",
     "world_facts_truth_ratio": "wf_Truth_Ratio",
     "model_utility": "model_utility",

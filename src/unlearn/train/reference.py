@@ -10,10 +10,11 @@ accelerate on this process's device.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 
-from unlearn.losses import token_logprobs
+from unlearn.losses import IGNORE_INDEX, token_logprobs
 from unlearn.prompts import Tokenized, collate
 
 
@@ -40,8 +41,14 @@ def reference_values(
         chunk = items[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         labels = batch.pop("labels")
-        logits = model(**batch).logits
-        logp, _ = token_logprobs(logits, labels)
+        keep = kept_positions(labels) if takes_logits_to_keep(model) else None
+        if kinds == ("sequence_logp",) and keep is not None:
+            # a sum over answer tokens needs no logits at prompt positions (see loop._forward)
+            logits = model(**batch, logits_to_keep=keep).logits
+            logp, _ = token_logprobs(logits, labels[:, -keep:])
+        else:
+            logits = model(**batch).logits
+            logp, _ = token_logprobs(logits, labels)
         for row, item in enumerate(chunk):
             n = len(item.input_ids)
             if "sequence_logp" in kinds:
@@ -54,6 +61,20 @@ def reference_values(
     return out
 
 
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model can compute logits for its last positions only (`logits_to_keep`)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def kept_positions(labels: torch.Tensor) -> int | None:
+    """How many last positions hold every prediction of a scored token, or None for all."""
+    scored = (labels != IGNORE_INDEX).any(0).nonzero()
+    if not len(scored):
+        return None
+    first = int(scored[0])
+    return labels.shape[1] - max(first - 1, 0) if first > 1 else None
+
+
 def reference_logps(
     model: torch.nn.Module, items: list[Tokenized], pad_id: int, batch_size: int = 8
 ) -> torch.Tensor:
@@ -63,9 +84,14 @@ def reference_logps(
 
 
 def batch_values(
-    values: dict[str, list[torch.Tensor]], idx: list[int], width: int, device: torch.device
+    values: dict[str, list[torch.Tensor]],
+    idx: list[int],
+    width: int,
+    device: torch.device,
+    kept: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The cached values of a micro-batch, right-padded with zeros to its collated `width`."""
+    """The cached values of a micro-batch, right-padded with zeros to its collated `width`, and
+    cut to the last `kept` positions when the batch's logits were (see `loop._forward`)."""
     out: dict[str, torch.Tensor] = {}
     for kind, per_item in values.items():
         rows = [per_item[i] for i in idx]
@@ -76,6 +102,8 @@ def batch_values(
         padded = rows[0].new_zeros((len(rows), size, *rows[0].shape[1:]))
         for r, value in enumerate(rows):
             padded[r, : value.shape[0]] = value
+        if kept is not None:  # token_logp has one entry fewer than positions: cut one fewer
+            padded = padded[:, -(kept - 1) :] if kind == "token_logp" else padded[:, -kept:]
         out[kind] = padded.to(device)
     return out
 

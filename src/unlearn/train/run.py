@@ -82,7 +82,7 @@ class Plan:
             "retain_examples": len(self.retain) if self.retain is not None else 0,
             "uses_retain": self.method.needs_retain(self.params),
             "keeps_reference_model": self.method.needs_reference_model(self.params),
-            "caches_reference_logp": self.method.needs_reference_logp,
+            "caches_reference_values": list(self.method.needs(self.params).reference),
             "optimizer_steps": n_steps,
             "output": self.config.output,
         }
@@ -287,9 +287,7 @@ def execute(
         "config": resolved_config(cfg, plan.params),
     }
     clock.lap("save")
-    reference = getattr(result, "reference_seconds", None)  # part of "train", before step 1
-    if reference is not None:
-        clock.seconds["reference"] = round(reference, 2)
+    clock.seconds["reference"] = round(result.reference_seconds, 2)  # part of "train"
     manifest["wall_seconds"] = clock.total()
     atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the run finished
     if not cfg.train.keep_checkpoints:

@@ -21,6 +21,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from unlearn.eval.records.batching import PassStats, left_pad, positions, token_budget_batches
 from unlearn.eval.records.scores import Score, ScoreItem, flat_scores, token_scores
+from unlearn.kvcache import cache_of, past
 from unlearn.losses import IGNORE_INDEX
 
 Group = list[tuple[int, list[int]]]  # a prompt's answers: (item index, scored token ids)
@@ -76,18 +77,6 @@ def tree_mask_kind(model) -> str | None:
     """How a custom 4D attention mask must look for this model, or None if it takes none."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     return {"sdpa": "bool", "eager": "float"}.get(impl)
-
-
-def past(model, cache) -> dict:
-    """The keyword that hands a KV cache to `model.forward` (`cache` from transformers 5.2x on,
-    `past_key_values` before)."""
-    params = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
-
-
-def cache_of(res):
-    """The KV cache a forward pass returned, under either name."""
-    return res["cache"] if "cache" in res else cache_of(res)
 
 
 def _keep_last(model) -> dict:
