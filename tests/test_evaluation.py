@@ -15,41 +15,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import hmean, ks_2samp
 
 from conftest import TOFU, requires_tofu, write_jsonl
 from unlearn import metrics as M
 from unlearn.api import evaluate, resolve_eval_config
 from unlearn.cli import main
-from unlearn.config import ModelConfig, PromptConfig
+from unlearn.config import PromptConfig
 from unlearn.data import content_hash
 from unlearn.errors import UnlearnError
 from unlearn.eval.run import score_suite
 from unlearn.eval.suites.builders import EvalSet, Suite, custom_suite, people_suite
-from unlearn.models import load_model_and_tokenizer
-from unlearn.prompts import PromptFormatter
 from unlearn.report.build import build_report
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NO_REF = "--reference"
 FAST = {"overrides": ["generation.max_new_tokens=4"], "progress": False}
 
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matrices: with other jobs on a 2-core machine, extra threads only spin (20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    """(model, formatter) of the tiny model, loaded the way `evaluate` loads it."""
-    model, tok, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_model_dir), device="cpu"))
-    return model, PromptFormatter(tok, PromptConfig())
 
 
 @pytest.fixture(scope="module")

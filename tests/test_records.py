@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearn import metrics as M
-from unlearn.config import ModelConfig, PromptConfig
+from unlearn.config import PromptConfig
 from unlearn.eval.gradnorm import grad_norms
 from unlearn.eval.records import (
     PassStats,
@@ -29,24 +29,9 @@ from unlearn.eval.records import (
     score_and_generate,
 )
 from unlearn.eval.records.batching import left_pad, token_budget_batches
-from unlearn.models import load_model_and_tokenizer
 from unlearn.prompts import PromptFormatter
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matrices: with other jobs on a 2-core machine, extra threads only spin (20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    """(model, formatter) of the tiny model, loaded the way `evaluate` loads it."""
-    model, tok, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_model_dir), device="cpu"))
-    return model, PromptFormatter(tok, PromptConfig())
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 QUESTIONS = [

@@ -19,16 +19,7 @@ from unlearn.eval.records.decode import hf_greedy
 from unlearn.models import load_model_and_tokenizer, resolve_model
 from unlearn.prompts import PromptFormatter
 
-pytestmark = [pytest.mark.smollm2, requires_smollm2]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared 2-core machine extra OpenMP threads only spin (generation ~20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.smollm2, requires_smollm2, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
