@@ -27,7 +27,16 @@ from unlearn.train.run import Plan, RunResult, execute, plan_run
 if TYPE_CHECKING:
     from unlearn.eval.suites.builders import Suite
 
-__all__ = ["Plan", "RunResult", "finetune", "forget", "resolve_config"]
+__all__ = [
+    "Plan",
+    "RunResult",
+    "evaluate",
+    "finetune",
+    "forget",
+    "report",
+    "resolve_config",
+    "resolve_eval_config",
+]
 
 
 def _config_tree(config: str | Path | dict[str, Any] | None) -> dict[str, Any]:
@@ -134,8 +143,6 @@ def finetune(
 
 
 # ---------------------------------------------------------------------------- evaluate, report
-__all__ += ["evaluate", "report", "resolve_eval_config"]
-
 #: `evaluate` arguments that are top-level keys of the eval config (the rest go in sections).
 _EVAL_FIELDS = (
     "output",
