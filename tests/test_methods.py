@@ -274,6 +274,11 @@ def _forget_nll_after_step(name: str, **overrides) -> tuple[float, float]:
     inputs = LossInputs(logits, labels, retain_logits, retain_labels)
     if method.needs_reference_logp:
         inputs.ref_forget_logp = losses.sequence_logprob(logits.detach(), labels)[0]
+    if method.needs(method.params()).second_target:  # DPO: a preferred answer, its own logits
+        inputs.second_logits = torch.nn.Parameter(torch.randn(2, 4, 5))
+        inputs.second_labels = torch.tensor([[-100, 0, 0, 1], [-100, -100, 3, 3]])
+        s_logp = losses.sequence_logprob(inputs.second_logits.detach(), inputs.second_labels)[0]
+        inputs.ref_second = {"sequence_logp": s_logp}
     before = losses.nll(logits.detach(), labels).item()
     loss, _ = method.loss(inputs, build_params(method, overrides))
     loss.backward()
@@ -282,7 +287,7 @@ def _forget_nll_after_step(name: str, **overrides) -> tuple[float, float]:
     return before, losses.nll(logits.detach(), labels).item()
 
 
-@pytest.mark.parametrize("name", ["grad_ascent", "grad_diff", "npo", "simnpo"])
+@pytest.mark.parametrize("name", ["grad_ascent", "grad_diff", "npo", "simnpo", "dpo", "idk_dpo"])
 def test_unlearning_step_increases_forget_nll(name: str) -> None:
     before, after = _forget_nll_after_step(name)
     assert after > before
@@ -298,7 +303,16 @@ def test_learning_step_decreases_forget_nll(name: str) -> None:
 
 
 def test_registry_lists_every_method_once() -> None:
-    assert list(METHODS) == ["grad_ascent", "grad_diff", "npo", "simnpo", "idk_nll", "finetune"]
+    assert list(METHODS) == [
+        "grad_ascent",
+        "grad_diff",
+        "npo",
+        "simnpo",
+        "idk_nll",
+        "dpo",
+        "idk_dpo",
+        "finetune",
+    ]
     for name, method in METHODS.items():
         assert method.name == name
         assert dataclasses.is_dataclass(method.params)
@@ -312,6 +326,8 @@ def test_every_method_runs_on_full_inputs() -> None:
     for method in METHODS.values():
         inputs = make_inputs("AB", "B", ref_forget_logp=torch.tensor([-2.0, -1.0]))
         inputs.ref_retain_logits = inputs.retain_logits.clone()
+        inputs.second_logits, inputs.second_labels = seqs("C", "A")
+        inputs.ref_second = {"sequence_logp": torch.tensor([-3.0, -2.0])}
         loss, logs = method.loss(inputs, method.params())
         assert loss.dim() == 0 and torch.isfinite(loss)
         assert all(isinstance(v, float) for v in logs.values())

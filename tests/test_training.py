@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import unlearn
+from conftest import write_jsonl
 from unlearn.config import PromptConfig, TrainConfig
 from unlearn.data import Example
 from unlearn.errors import TrainingDiverged, UnlearnError
@@ -75,7 +76,15 @@ def test_plan_is_deterministic_and_covers_every_example():
 
 # For each method: the forget-sequence NLL must rise (unlearning) or fall (fine-tuning, and
 # IdkNLL's refusal targets, checked separately), and every parameter tensor must change.
-DIRECTION = {"grad_ascent": +1, "grad_diff": +1, "npo": +1, "simnpo": +1, "finetune": -1}
+DIRECTION = {
+    "dpo": +1,
+    "idk_dpo": +1,
+    "grad_ascent": +1,
+    "grad_diff": +1,
+    "npo": +1,
+    "simnpo": +1,
+    "finetune": -1,
+}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -83,8 +92,19 @@ def test_two_steps_change_every_parameter_and_move_forget_loss(
     name, target_dir, qa_files, tmp_path
 ):
     forget, retain = qa_files
+    if name == "dpo":  # user-given preferred answers
+        import json
+
+        rows = [json.loads(x) for x in forget.read_text().splitlines()]
+        forget = write_jsonl(
+            tmp_path / "pref.jsonl", [{**r, "preferred": "I cannot say."} for r in rows]
+        )
     before = _weights(target_dir)
-    extra = ["method.alpha=0"] if name in ("grad_diff", "npo", "simnpo", "idk_nll") else []
+    extra = (
+        ["method.alpha=0"]
+        if name in ("grad_diff", "npo", "simnpo", "idk_nll", "dpo", "idk_dpo")
+        else []
+    )
     res = unlearn.forget(
         str(target_dir),
         str(forget),

@@ -26,6 +26,7 @@ from unlearn.train.run import Plan, RunResult, execute, plan_run
 
 if TYPE_CHECKING:
     from unlearn.eval.suites.builders import Suite
+    from unlearn.localize.run import Localization
 
 __all__ = [
     "Plan",
@@ -33,6 +34,7 @@ __all__ = [
     "evaluate",
     "finetune",
     "forget",
+    "localize",
     "report",
     "resolve_config",
     "resolve_eval_config",
@@ -140,6 +142,37 @@ def finetune(
     )
     plan = plan_run(cfg, "finetune")
     return plan if dry_run else execute(plan, callbacks=callbacks)
+
+
+def localize(
+    model: str | None = None,
+    forget: str | None = None,
+    retain: str | None = None,
+    output: str | None = None,
+    *,
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    overwrite: bool | None = None,
+) -> Localization:
+    """Score which weights hold `forget` relative to `retain` (GRIN by default); write the mask.
+
+    `output` receives mask.safetensors (reusable with `localize.mask=OUTPUT` in `forget`),
+    localization.json, summary.md and heatmap.png. `overrides` set the `localize` section
+    (`localize.top_fraction=0.01`, `localize.method=forget_grad`) and the `prompt`/`model` ones,
+    which must match the later forget run.
+    """
+    from unlearn.localize.run import run_localize
+
+    cfg = resolve_config(
+        config,
+        overrides,
+        model=model,
+        forget=forget,
+        retain=retain,
+        output=output,
+        overwrite=overwrite or None,
+    )
+    return run_localize(cfg)
 
 
 # ---------------------------------------------------------------------------- evaluate, report

@@ -129,6 +129,35 @@ def finetune(
         _finish(result)
 
 
+@app.command()
+def localize(
+    overrides: Overrides = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    forget: Annotated[str | None, typer.Option(help="Forget set: file or hub spec.")] = None,
+    retain: Annotated[str | None, typer.Option(help="Retain set: file or hub spec.")] = None,
+    output: OutputOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier localization.")] = False,
+) -> None:
+    """Find the weights that hold the forget data (GRIN gradient ratio); save a mask and a summary.
+
+    Options go in the `localize` section: localize.method=grin|forget_grad|random|regex|uoe,
+    localize.top_fraction=0.01, localize.select=global|per_tensor, localize.scores=true.
+    """
+    from unlearn import api
+
+    loc = api.localize(
+        model, forget, retain, output, config=config, overrides=overrides or [],
+        overwrite=overwrite or None,
+    )  # fmt: skip
+    info = loc.info
+    typer.echo(
+        f"{info.get('method')}: selected {info['selected']:,} of {info['scored']:,} weights "
+        f"({100 * info['fraction']:.3g}%) in {info.get('seconds', 0):.1f} s"
+    )
+    typer.echo(f"saved: {output}/mask.safetensors, localization.json, summary.md, heatmap.png")
+
+
 #: The rows `unlearn eval` prints (every other metric is in results.json).
 KEY_METRICS = (
     "forget_quality",

@@ -44,6 +44,8 @@ class DataConfig:
 
     path: a local json/jsonl/csv/parquet file, or `hub:OWNER/NAME[:CONFIG][:SPLIT]`.
     kind: "qa" (question/answer records), "text" (documents) or "auto" (from the columns).
+    preferred_key: the optional column of question/answer records holding the answer to prefer
+        over the data's (method `dpo`); read when present, ignored by every other method.
     """
 
     path: str = ""
@@ -53,6 +55,7 @@ class DataConfig:
     text_key: str = "text"
     id_key: str | None = None
     limit: int | None = None
+    preferred_key: str = "preferred"
 
 
 @dataclass
@@ -107,6 +110,108 @@ class TrainConfig:
         return int(self.warmup_ratio * total)
 
 
+#: Parameters never scored by default: embeddings and the output head (tied to the embeddings in
+#: many small models) and normalisation scales; see `LocalizeConfig.exclude`.
+DEFAULT_LOCALIZE_EXCLUDE = r"embed|lm_head|wte|wpe|norm|ln_"
+
+
+@dataclass
+class LocalizeConfig:
+    """Which weights an unlearning run may change, chosen before it starts (GRIN and its controls).
+
+    method: "none" (every weight trains), "grin" (gradient ratio |g_forget| / (|g_retain| + eps)),
+        "forget_grad" (|g_forget| only, no ratio), "random" (as many weights as grin, uniformly at
+        random), "regex" (every entry of the parameters `include` names), "uoe" (the expert of a
+        mixture-of-experts layer the forget data is routed to most, plus a router anchor loss).
+    top_fraction: share of the scored weights selected, in (0, 1].
+    select: "global" ranks all scored weights together; "per_tensor" takes top_fraction of each.
+    accumulate: how gradients add up over batches: "abs_sum" |sum_b g_b| (the gradient of the
+        whole set's mean NLL), "sum_abs" sum_b |g_b|, "squared" sum_b g_b^2 (Fisher-like). The
+        last two depend on `batch_size`.
+    include / exclude: regexes (re.search) over parameter names. include None scores every weight
+        of a linear layer (nn.Linear, transformers' Conv1D) and fused expert tensors; exclude
+        drops embeddings, the output head and norms (why: docs/methods/grin.md).
+    retain_size: retain examples scored (a seeded sample); None = as many as forget examples.
+    eps: added to the retain gradient's magnitude so the ratio stays finite.
+    noise_std: Gaussian noise, in units of each tensor's weight std, added to the selected
+        weights before fine-tuning; 0 disables.
+    train_all: after the noise, let every weight train (default: only the selected ones move).
+    mask: a saved mask (a `unlearn localize` output folder or its mask.safetensors) used instead
+        of scoring; it must come from the same model.
+    scores: also save the scores themselves (scores.safetensors, one float32 per scored weight).
+    batch_size: sequences per scoring batch.
+    seed: seed of the retain sample, the random mask and the noise; None = train.seed.
+    uoe_layers: MoE layers whose top expert is unlearned (uoe); None = every MoE layer.
+    anchor_weight: weight of UOE's router anchor loss.
+    """
+
+    method: Literal["none", "grin", "forget_grad", "random", "regex", "uoe"] = "none"
+    top_fraction: float = 0.01
+    select: Literal["global", "per_tensor"] = "global"
+    accumulate: Literal["abs_sum", "sum_abs", "squared"] = "abs_sum"
+    include: str | None = None
+    exclude: str | None = DEFAULT_LOCALIZE_EXCLUDE
+    retain_size: int | None = None
+    eps: float = 1e-8
+    noise_std: float = 0.5
+    train_all: bool = False
+    mask: str | None = None
+    scores: bool = False
+    batch_size: int = 8
+    seed: int | None = None
+    uoe_layers: int | None = 1
+    anchor_weight: float = 1.0
+
+    @property
+    def active(self) -> bool:
+        """Whether a run localizes at all (a method, or a saved mask)."""
+        return self.method != "none" or self.mask is not None
+
+
+def validate_localize(cfg: LocalizeConfig) -> None:
+    """One-line errors for settings that would only fail after the model has loaded."""
+    import re
+
+    if not 0 < cfg.top_fraction <= 1:
+        raise UnlearnError(
+            f"localize.top_fraction must be in (0, 1], got {cfg.top_fraction}; e.g. 0.01 selects "
+            "1% of the scored weights"
+        )
+    if not cfg.noise_std >= 0:
+        raise UnlearnError(
+            f"localize.noise_std must be >= 0 (0 disables noise), got {cfg.noise_std}"
+        )
+    if not cfg.eps > 0:
+        raise UnlearnError(f"localize.eps must be > 0, got {cfg.eps}")
+    if cfg.batch_size < 1:
+        raise UnlearnError(f"localize.batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.retain_size is not None and cfg.retain_size < 1:
+        raise UnlearnError(
+            f"localize.retain_size must be at least 1 (or null), got {cfg.retain_size}"
+        )
+    if cfg.uoe_layers is not None and cfg.uoe_layers < 1:
+        raise UnlearnError(
+            f"localize.uoe_layers must be at least 1 (or null), got {cfg.uoe_layers}"
+        )
+    if cfg.anchor_weight < 0:
+        raise UnlearnError(f"localize.anchor_weight must be >= 0, got {cfg.anchor_weight}")
+    if cfg.method == "regex" and not cfg.include:
+        raise UnlearnError(
+            "localize.method=regex needs localize.include, a regex of the parameters to train, "
+            "e.g. localize.include='layers\\.(4|5|6)\\.mlp\\.'"
+        )
+    for key in ("include", "exclude"):
+        pattern = getattr(cfg, key)
+        if pattern is None:
+            continue
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UnlearnError(
+                f"localize.{key} is not a valid regex ({exc}): {pattern!r}"
+            ) from None
+
+
 @dataclass
 class RunConfig:
     """Everything one `unlearn forget` (or `unlearn finetune`) run needs."""
@@ -117,6 +222,7 @@ class RunConfig:
     method: dict[str, Any] = field(default_factory=lambda: {"name": "npo"})
     train: TrainConfig = field(default_factory=TrainConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     output: str = ""
     overwrite: bool = False
     resume: bool = False
@@ -128,6 +234,7 @@ _SECTIONS: dict[str, type] = {
     "retain": DataConfig,
     "train": TrainConfig,
     "prompt": PromptConfig,
+    "localize": LocalizeConfig,
 }
 _SCALARS = {"output", "overwrite", "resume"}
 

@@ -21,13 +21,18 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 @dataclass(frozen=True)
 class Example:
-    """One question/answer pair (`question`, `answer`) or one document (`text`)."""
+    """One question/answer pair (`question`, `answer`) or one document (`text`).
+
+    preferred: an answer to prefer over `answer` (DPO's winning response), when the data gives one;
+    not part of `sha256`, which names the example to forget, not what replaces it.
+    """
 
     id: str
     sha256: str
     question: str | None = None
     answer: str | None = None
     text: str | None = None
+    preferred: str | None = None
 
     @property
     def kind(self) -> str:
@@ -183,12 +188,32 @@ def load_examples(cfg: DataConfig, role: str = "data") -> list[Example]:
             raise UnlearnError(f"{where}: id '{ex_id}' occurs twice; ids must be unique")
         seen.add(ex_id)
         if kind == "qa":
+            preferred = _optional_text(row, cfg.preferred_key, f"{where}: row {i}")
             examples.append(
-                Example(ex_id, content_hash(*values), question=values[0], answer=values[1])
+                Example(
+                    ex_id,
+                    content_hash(*values),
+                    question=values[0],
+                    answer=values[1],
+                    preferred=preferred,
+                )
             )
         else:
             examples.append(Example(ex_id, content_hash(values[0]), text=values[0]))
     return examples
+
+
+def _optional_text(row: dict[str, Any], key: str, where: str) -> str | None:
+    """An optional text column: absent, null, NaN (a blank csv cell) or blank all mean none."""
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if not isinstance(value, str):
+        raise UnlearnError(
+            f"{where} has a non-text value in '{key}' ({type(value).__name__}); give text or leave "
+            "it empty"
+        )
+    return value if value.strip() else None
 
 
 def manifest_entries(examples: list[Example]) -> list[dict[str, str]]:

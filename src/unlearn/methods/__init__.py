@@ -13,7 +13,16 @@ from typing import Any
 import pydantic
 
 from unlearn.errors import UnlearnError
-from unlearn.methods import finetune, grad_ascent, grad_diff, idk_nll, npo, simnpo
+from unlearn.methods import (
+    dpo,
+    finetune,
+    grad_ascent,
+    grad_diff,
+    idk_dpo,
+    idk_nll,
+    npo,
+    simnpo,
+)
 from unlearn.methods.base import LossInputs, Method
 
 METHODS: dict[str, Method] = {
@@ -24,6 +33,8 @@ METHODS: dict[str, Method] = {
         npo.METHOD,
         simnpo.METHOD,
         idk_nll.METHOD,
+        dpo.METHOD,
+        idk_dpo.METHOD,
         finetune.METHOD,
     )
 }

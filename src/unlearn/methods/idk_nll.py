@@ -46,14 +46,19 @@ def idk_nll_loss(inputs: LossInputs, params: IdkNLLParams) -> tuple[torch.Tensor
 
 def refusal_targets(examples: Sequence[Any], params: IdkNLLParams, seed: int) -> list[str]:
     """One refusal per forget example, a pure function of (index, seed); Q/A records only."""
+    return refusals_for(examples, params.refusals, seed, "idk_nll")
+
+
+def refusals_for(examples: Sequence[Any], path: str | None, seed: int, method: str) -> list[str]:
+    """The refusals of `refusal_targets`, shared with IdkDPO (its preferred answers)."""
     from unlearn.refusals import load_refusals, pick_refusal
 
     if any(e.kind != "qa" for e in examples):
         raise UnlearnError(
-            "method 'idk_nll' replaces answers with refusals, so the forget data must be "
+            f"method '{method}' answers forget questions with refusals, so the forget data must be "
             "question/answer records, not documents"
         )
-    refusals = load_refusals(params.refusals)
+    refusals = load_refusals(path)
     return [pick_refusal(refusals, i, seed) for i in range(len(examples))]
 
 

@@ -27,6 +27,7 @@ the larger batch's, not their sum.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -111,6 +112,7 @@ class _Run:
     fingerprint: dict[str, Any]
     output: Path
     log_path: Path
+    anchor: Any = None  # UOE's router anchor (unlearn.localize.uoe.Anchor), or None
     keep_logits: bool = False  # the model takes `logits_to_keep` (see `_forward`)
     share_prefix: bool = False  # run a batch's common first tokens once (see `_prefix_forward`)
     reference_seconds: float = 0.0
@@ -132,15 +134,20 @@ def train(
     resume: bool = False,
     callbacks: list[StepCallback] | None = None,
     second: list[Tokenized] | None = None,
+    mask: dict[str, torch.Tensor] | None = None,
+    anchor: Any = None,
 ) -> TrainResult:
     """Run `method` on `model` in place (the caller passes a model it owns, never the input's files).
 
     `second` holds each forget example's second answer (same order) when the method declares one.
+    `mask` ({parameter: bool tensor}, from `unlearn.localize`) restricts training to its selected
+    entries, like a method's `parameter_mask`; `anchor` adds UOE's router anchor loss to the
+    forget term (see `unlearn.localize.uoe`).
     Returns when all steps are done; raises TrainingDiverged (after checkpointing the last good
     state) on a NaN/inf loss or gradient, and UnlearnError (after checkpointing) on Ctrl-C.
     """
     t0 = time.time()
-    run = _setup(model, method, params, forget, cfg, output, pad_id, retain, second)
+    run = _setup(model, method, params, forget, cfg, output, pad_id, retain, second, mask, anchor)
     start, resumed_from, history = _restore(run, resume)
     bar = tqdm(
         total=run.total,
@@ -204,6 +211,8 @@ def _setup(
     pad_id: int,
     retain: list[Tokenized] | None,
     second: list[Tokenized] | None,
+    mask: dict[str, torch.Tensor] | None = None,
+    anchor: Any = None,
 ) -> _Run:
     """Check the method's declared needs against the data, then build optimizer and references."""
     from accelerate import Accelerator
@@ -228,7 +237,7 @@ def _setup(
         if uses_retain and retain
         else []
     )
-    masks, frozen = _masks(method, params, model)
+    masks, frozen = _masks(method, params, model, mask)
     optimizer = _optimizer(model, cfg, masks)
     scheduler = _scheduler(optimizer, cfg, len(steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -244,6 +253,8 @@ def _setup(
         "forget": ckpt_io.items_hash(forget),
         "retain": ckpt_io.items_hash(retain) if uses_retain else None,
         "second": ckpt_io.items_hash(second),
+        "mask": _mask_digest(mask),
+        "anchor": repr(anchor) if anchor is not None else None,
     }
     output.mkdir(parents=True, exist_ok=True)
     log_path = output / LOG_FILE
@@ -254,8 +265,9 @@ def _setup(
         ref_second, ref_model, masks, frozen, ckpt_io.run_fingerprint(cfg, method.name, params, data),
         output, log_path,
         keep_logits=takes_logits_to_keep(accelerator.unwrap_model(model)),
-        share_prefix=_can_share_prefix(accelerator, model),
+        share_prefix=anchor is None and _can_share_prefix(accelerator, model),
         reference_seconds=reference_seconds,
+        anchor=anchor,
     )  # fmt: skip
 
 
@@ -292,15 +304,34 @@ def _check_data(method, needs: Needs, forget, retain, second) -> None:
         )
 
 
-def _masks(method: Method, params: Any, model: torch.nn.Module) -> tuple[list, list]:
+def _mask_digest(mask: dict[str, torch.Tensor] | None) -> str | None:
+    """A digest of which entries a mask selects (resume refuses a different mask)."""
+    if mask is None:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(mask):
+        h.update(name.encode())
+        h.update(mask[name].to("cpu", torch.bool).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _masks(
+    method: Method, params: Any, model: torch.nn.Module, given: dict[str, torch.Tensor] | None
+) -> tuple[list, list]:
     """(parameter, float mask, weight decay) for masked tensors, and the frozen rest."""
-    if method.parameter_mask is None:
+    if method.parameter_mask is None and given is None:
         return [], []
-    chosen = method.parameter_mask(model, params)
+    if method.parameter_mask is not None and given is not None:
+        raise UnlearnError(
+            f"method '{method.name}' chooses its own parameters; it cannot be combined with a "
+            "localize mask (set localize.method=none)"
+        )
+    source = f"method '{method.name}'" if given is None else "the localize mask"
+    chosen = given if given is not None else method.parameter_mask(model, params)  # type: ignore[misc]
     named = dict(model.named_parameters())
     unknown = sorted(set(chosen) - set(named))
     if unknown:
-        raise UnlearnError(f"method '{method.name}' masks unknown parameter {unknown[0]!r}")
+        raise UnlearnError(f"{source} masks unknown parameter {unknown[0]!r}")
     out, frozen = [], []
     for name, p in named.items():
         mask = chosen.get(name)
@@ -311,7 +342,7 @@ def _masks(method: Method, params: Any, model: torch.nn.Module) -> tuple[list, l
             continue
         if mask.shape != p.shape:
             raise UnlearnError(
-                f"method '{method.name}': mask for {name} has shape {tuple(mask.shape)}, "
+                f"{source}: mask for {name} has shape {tuple(mask.shape)}, "
                 f"the parameter {tuple(p.shape)}"
             )
         out.append((p, mask.to(device=p.device, dtype=p.dtype), 0.0))
@@ -483,7 +514,15 @@ def _forget_pass(run: _Run, idx, n_micro: int, bad: list[str], sync: bool) -> di
     rank, world = run.accelerator.process_index, run.accelerator.num_processes
     mine, weight = shard(idx, rank, world)
     needs, device = run.needs, run.accelerator.device
-    out, labels, batch, kept, _ = _forward(run, run.model, run.forget, mine, needs.hidden_layers)
+    unwrapped = run.accelerator.unwrap_model(run.model) if run.anchor is not None else None
+    with (
+        run.anchor.capture(unwrapped)
+        if run.anchor is not None
+        else contextlib.nullcontext({}) as routed
+    ):
+        out, labels, batch, kept, _ = _forward(
+            run, run.model, run.forget, mine, needs.hidden_layers
+        )
     ref = batch_values(run.ref_forget, mine, batch["input_ids"].shape[1], device, kept)
     inputs = LossInputs(
         forget_logits=out.logits,
@@ -500,6 +539,10 @@ def _forget_pass(run: _Run, idx, n_micro: int, bad: list[str], sync: bool) -> di
         width = s_batch["input_ids"].shape[1]
         inputs.ref_second = batch_values(run.ref_second, mine, width, device, s_kept)
     loss, terms = run.method.loss(inputs, run.params)
+    if run.anchor is not None:  # UOE: keep the router sending forget tokens to the chosen expert
+        anchor = run.anchor.loss(unwrapped, routed, batch["attention_mask"].bool())
+        terms["anchor_loss"] = float(anchor.detach())
+        loss = loss + anchor
     terms = {"loss": float(loss.detach()), **terms}
     if not torch.isfinite(loss.detach()):
         bad.append(f"loss is {float(loss.detach())}")

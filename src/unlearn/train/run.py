@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import yaml
 
-from unlearn.config import DataConfig, RunConfig, to_dict, validate_train
+from unlearn.config import DataConfig, RunConfig, to_dict, validate_localize, validate_train
 from unlearn.data import Example, dataset_hash, load_examples, manifest_entries
 from unlearn.errors import UnlearnError
 from unlearn.methods import build_params, get_method
@@ -84,6 +84,7 @@ class Plan:
             "keeps_reference_model": self.method.needs_reference_model(self.params),
             "caches_reference_values": list(self.method.needs(self.params).reference),
             "optimizer_steps": n_steps,
+            "localize": to_dict(cfg.localize) if cfg.localize.active else None,
             "output": self.config.output,
         }
 
@@ -94,6 +95,13 @@ def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:
     method = get_method(method_cfg.pop("name"))
     params = build_params(method, method_cfg)
     validate_train(cfg.train)
+    validate_localize(cfg.localize)
+    if cfg.localize.active and command != "forget":
+        raise UnlearnError("the localize section applies to `unlearn forget` only")
+    if cfg.localize.mask is not None:
+        from unlearn.localize.mask import mask_file
+
+        mask_file(cfg.localize.mask)  # a missing mask fails now, not after loading the model
     if cfg.prompt.max_length < 8:
         raise UnlearnError(f"prompt.max_length must be at least 8, got {cfg.prompt.max_length}")
     role = "data" if command == "finetune" else "forget"
@@ -108,6 +116,11 @@ def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:
         )
     if not cfg.output:
         raise UnlearnError("no output folder given; pass --output DIR")
+    if cfg.localize.method == "grin" and cfg.localize.mask is None and retain is None:
+        raise UnlearnError(
+            "localize.method=grin divides by the retain gradient, but no retain data was given; "
+            "pass --retain FILE, or use localize.method=forget_grad"
+        )
     from unlearn.models import resolve_model
 
     resolve_model(cfg.model)
@@ -237,6 +250,12 @@ def execute(
     out.mkdir(parents=True, exist_ok=True)
     config_text = yaml.safe_dump(resolved_config(cfg, plan.params), sort_keys=False)
     atomic_write_text(out / CONFIG_FILE, config_text)
+    localization = None
+    if cfg.localize.active:
+        # Scored on the data's own answers (what the model memorised), not on refusal targets.
+        scored = tokenize_examples(plan.forget, formatter) if answers is not None else forget_items
+        localization = _localize(model, scored, retain_items, pad_id, cfg, out)
+    clock.lap("localize")
     result = train(
         model,
         plan.method,
@@ -249,6 +268,8 @@ def execute(
         resume=cfg.resume,
         callbacks=callbacks,
         second=second_items,
+        mask=localization.train_mask if localization else None,
+        anchor=localization.anchor if localization else None,
     )
     clock.lap("train")
     after: dict[str, float] = {}
@@ -283,6 +304,7 @@ def execute(
         "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "metrics": metrics,
+        "localization": _localization_record(localization),
         "log": str(Path(result.log_path).relative_to(out)),
         "config": resolved_config(cfg, plan.params),
     }
@@ -295,6 +317,36 @@ def execute(
 
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return RunResult(output=out, metrics=metrics, manifest=manifest)
+
+
+#: Where `unlearn forget` writes its localization (mask, summary, heatmap) inside the run folder.
+LOCALIZATION_DIR = "localization"
+
+
+def _localize(model, forget: list[Tokenized], retain, pad_id: int, cfg: RunConfig, out: Path):
+    """Compute (or load) the mask, save it with the run, inject the noise into the model."""
+    from unlearn.localize.noise import inject_noise
+    from unlearn.localize.run import localize
+
+    seed = cfg.localize.seed if cfg.localize.seed is not None else cfg.train.seed
+    loc = localize(
+        model, forget, retain, pad_id, cfg.localize, seed, out / LOCALIZATION_DIR, reuse=cfg.resume
+    )
+    loc.noise = inject_noise(model, loc.mask, cfg.localize.noise_std, seed)
+    return loc
+
+
+def _localization_record(loc) -> dict[str, Any] | None:
+    if loc is None:
+        return None
+    keep = ("method", "selected", "scored", "fraction", "seconds", "peak_memory_mb", "experts")
+    record = {k: loc.info[k] for k in keep if k in loc.info}
+    record["folder"] = LOCALIZATION_DIR
+    record["train_all"] = loc.train_all
+    record["noise_tensors"] = len(loc.noise)
+    if "loaded_from" in loc.info:
+        record["loaded_from"] = loc.info["loaded_from"]
+    return record
 
 
 class _Clock:
