@@ -251,3 +251,42 @@ def test_format_value():
     assert format_value("privleak", -99.81) == "-99.81"
     assert format_value("count", 12.0) == "12"
     assert format_value("model_utility", None) == "n/a"
+
+
+def test_localized_run_gets_its_heatmap_and_counts(evals, tmp_path) -> None:
+    """A model trained with a localize section: the report shows what was selected, and where."""
+    from unlearn.localization.mask import summarize
+    from unlearn.localization.plot import heatmap
+
+    results = json.loads((evals["npo"] / "results.json").read_text())
+    loc = Path(results["model_path"]) / "localization"
+    loc.mkdir(exist_ok=True)
+    import torch
+
+    mask = {
+        "model.layers.0.mlp.down_proj.weight": torch.tensor([[True, False], [False, False]]),
+        "model.layers.1.self_attn.q_proj.weight": torch.tensor([[True, True], [False, False]]),
+    }
+    summary = summarize(mask)
+    info = {"method": "grin", "selected": 3, "scored": 8, "fraction": 3 / 8,
+            "settings": {"noise_std": 0.5, "train_all": False}}  # fmt: skip
+    (loc / "localization.json").write_text(json.dumps({**info, "summary": summary}))
+    heatmap(summary, loc / "heatmap.png", "grin")
+    try:
+        out = tmp_path / "report"
+        build_report(list(evals.values()), out)
+        md = (out / "report.md").read_text()
+        assert "## Localization" in md and "grin: 3 of 8 scored weights selected (37.5%)" in md
+        assert md.count("plots/localization_") == 1  # only the localized model
+        image = next((out / "plots").glob("localization_*.png"))
+        assert image.read_bytes() == (loc / "heatmap.png").read_bytes()
+        assert "data:image/png;base64" in (out / "report.html").read_text()
+    finally:
+        import shutil
+
+        shutil.rmtree(loc)
+
+
+def test_report_without_localization_has_no_such_section(report) -> None:
+    out, _ = report
+    assert "Localization" not in (out / "report.md").read_text()

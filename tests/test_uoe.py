@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.localize.uoe import (
+from unlearn.localization.uoe import (
     ExpertChoice,
     UOEParams,
     anchor_loss,

@@ -1,14 +1,14 @@
 """unlearn: remove the influence of a forget set from a causal language model, and prove it.
 
-The public API is small on purpose: `forget` and `finetune` (and, as the evaluation lands,
-`evaluate` and `report`). The `unlearn` command line calls exactly these.
+The public API is small on purpose: `forget`, `finetune`, `localize`, `evaluate` and `report`
+(`unlearn.api`). The `unlearn` command line calls exactly these.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from unlearn.api import RunResult, evaluate, finetune, forget, report
+from unlearn.api import RunResult, evaluate, finetune, forget, localize, report
 from unlearn.errors import TrainingDiverged, UnlearnError
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "evaluate",
     "finetune",
     "forget",
+    "localize",
     "report",
 ]

@@ -26,7 +26,7 @@ from unlearn.train.run import Plan, RunResult, execute, plan_run
 
 if TYPE_CHECKING:
     from unlearn.eval.suites.builders import Suite
-    from unlearn.localize.run import Localization
+    from unlearn.localization.run import Localization
 
 __all__ = [
     "Plan",
@@ -161,7 +161,7 @@ def localize(
     (`localize.top_fraction=0.01`, `localize.method=forget_grad`) and the `prompt`/`model` ones,
     which must match the later forget run.
     """
-    from unlearn.localize.run import run_localize
+    from unlearn.localization.run import run_localize
 
     cfg = resolve_config(
         config,

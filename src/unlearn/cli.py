@@ -155,7 +155,8 @@ def localize(
         f"{info.get('method')}: selected {info['selected']:,} of {info['scored']:,} weights "
         f"({100 * info['fraction']:.3g}%) in {info.get('seconds', 0):.1f} s"
     )
-    typer.echo(f"saved: {output}/mask.safetensors, localization.json, summary.md, heatmap.png")
+    folder = info.get("output", output)
+    typer.echo(f"saved: {folder}/mask.safetensors, localization.json, summary.md, heatmap.png")
 
 
 #: The rows `unlearn eval` prints (every other metric is in results.json).

@@ -79,18 +79,29 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def run_demo(
-    output: str = "out/demo", settings: DemoSettings | None = None, fresh: bool = False
-) -> dict[str, Any]:
-    """Run the demo end to end; returns the summary (also in OUTPUT/report/summary.json)."""
+@dataclass
+class DemoSetup:
+    """What every demo-style experiment starts from: the suite, data files, cached models and the
+    cached evaluations of the target and retain models (`prepare`)."""
+
+    suite: Any
+    forget: str
+    retain: str
+    target: Path
+    retain_model: Path
+    eval_target: Path
+    eval_retain: Path
+    eval_overrides: list[str]
+    train_overrides: list[str]
+
+
+def prepare(out: Path, s: DemoSettings, fresh: bool = False) -> DemoSetup:
+    """Write the demo's data, fine-tune (or reuse) target and retain models, evaluate both (or
+    reuse those evaluations); everything is cached by the settings that make it."""
     import unlearn
     from unlearn.eval.suites.builders import people_suite
     from unlearn.models import cache_root
-    from unlearn.report.build import build_report
 
-    s = settings or DemoSettings()
-    t0 = time.time()
-    out = Path(output)
     # One suite serves both training (its forget/retain rows) and evaluation.
     suite = people_suite(
         seed=s.seed,
@@ -141,38 +152,6 @@ def run_demo(
             print(f"[demo] fine-tuning the {name} model (cached for later runs)")
             unlearn.finetune(s.model, train_file, str(folder), overrides=ft, overwrite=True)
         models[name] = folder
-    print(f"[demo] unlearning the forget people with {s.method}")
-    from dataclasses import fields
-
-    from unlearn.methods import get_method
-
-    method_over = list(s.method_overrides)
-    has_alpha = any(f.name == "alpha" for f in fields(get_method(s.method).params))
-    if (
-        s.retain_weight is not None
-        and has_alpha
-        and not any(o.startswith("method.alpha=") for o in method_over)
-    ):
-        method_over.append(f"method.alpha={s.retain_weight}")
-    unlearned = out / "unlearned"
-    unlearn.forget(
-        str(models["target"]),
-        forget,
-        retain,
-        s.method,
-        str(unlearned),
-        overwrite=True,
-        overrides=[
-            f"train.epochs={s.unlearn_epochs}",
-            f"train.lr={s.unlearn_lr}",
-            f"train.batch_size={s.unlearn_batch}",
-            f"prompt.max_length={s.max_length}",
-            f"train.seed={s.seed}",
-            "train.nll_check=false",
-            *method_over,
-        ],
-    )
-    evals = out / "eval"
     # The demo's own evaluation settings (its prompt length, short generations, the answer text
     # scored without the end-of-turn marker), given explicitly: eval's defaults follow TOFU instead.
     settings = [
@@ -180,19 +159,86 @@ def run_demo(
         f"prompt.max_length={s.max_length}",
         "score.end_of_turn=false",
     ]
-    common = {"suite": suite, "overrides": settings, "progress": True, "overwrite": True}
     # Cached evaluations are valid only for the same examples and generation length.
     eval_key = _key([(st.name, st.ids, st.hashes) for st in suite.sets], s.max_new_tokens)
+    evals = {}
     for name in ("retain", "target"):
         cached = cache / f"eval-{name}-{eval_key}"
         ref = None if name == "retain" else str(cache / f"eval-retain-{eval_key}")
         if not (cached / "results.json").is_file():
             print(f"[demo] evaluating the {name} model (cached for later runs)")
-            unlearn.evaluate(str(models[name]), str(cached), reference=ref, name=name, **common)
+            unlearn.evaluate(
+                str(models[name]),
+                str(cached),
+                reference=ref,
+                name=name,
+                suite=suite,
+                overrides=settings,
+                progress=True,
+                overwrite=True,
+            )
+        evals[name] = cached
+    train = [
+        f"train.epochs={s.unlearn_epochs}",
+        f"train.lr={s.unlearn_lr}",
+        f"train.batch_size={s.unlearn_batch}",
+        f"prompt.max_length={s.max_length}",
+        f"train.seed={s.seed}",
+        "train.nll_check=false",
+    ]
+    return DemoSetup(
+        suite, forget, retain, models["target"], models["retain"], evals["target"],
+        evals["retain"], settings, train,
+    )  # fmt: skip
+
+
+def method_overrides(
+    method: str, given: tuple[str, ...] | list[str], alpha: float | None
+) -> list[str]:
+    """The method's overrides plus the demo's retain weight, for methods that have one."""
+    from dataclasses import fields
+
+    from unlearn.methods import get_method
+
+    out = list(given)
+    has_alpha = any(f.name == "alpha" for f in fields(get_method(method).params))
+    if alpha is not None and has_alpha and not any(o.startswith("method.alpha=") for o in out):
+        out.append(f"method.alpha={alpha}")
+    return out
+
+
+def run_demo(
+    output: str = "out/demo", settings: DemoSettings | None = None, fresh: bool = False
+) -> dict[str, Any]:
+    """Run the demo end to end; returns the summary (also in OUTPUT/report/summary.json)."""
+    import unlearn
+    from unlearn.report.build import build_report
+
+    s = settings or DemoSettings()
+    t0 = time.time()
+    out = Path(output)
+    setup = prepare(out, s, fresh)
+    print(f"[demo] unlearning the forget people with {s.method}")
+    unlearned = out / "unlearned"
+    unlearn.forget(
+        str(setup.target),
+        setup.forget,
+        setup.retain,
+        s.method,
+        str(unlearned),
+        overwrite=True,
+        overrides=[
+            *setup.train_overrides,
+            *method_overrides(s.method, s.method_overrides, s.retain_weight),
+        ],
+    )
+    evals = out / "eval"
+    common = {"suite": setup.suite, "overrides": setup.eval_overrides, "progress": True}
+    for name, cached in (("retain", setup.eval_retain), ("target", setup.eval_target)):
         if (evals / name).exists():
             shutil.rmtree(evals / name)
         shutil.copytree(cached, evals / name)
-        if ref is not None:  # point the copy at the copied reference, so the report links them
+        if name == "target":  # point the copy at the copied reference, so the report links them
             res_file = evals / name / "results.json"
             res = json.loads(res_file.read_text())
             res["reference"] = str(evals / "retain")
@@ -203,6 +249,7 @@ def run_demo(
         str(evals / "unlearned"),
         reference=str(evals / "retain"),
         name=f"unlearned ({s.method})",
+        overwrite=True,
         **common,
     )
     summary = build_report(

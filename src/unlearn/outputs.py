@@ -21,7 +21,7 @@ from unlearn.errors import UnlearnError
 
 MANIFEST = "unlearn.json"
 CONFIG_FILE = "config.yaml"
-_OURS = (MANIFEST, CONFIG_FILE, "checkpoints", "logs")
+_OURS = (MANIFEST, CONFIG_FILE, "checkpoints", "logs", "localization")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

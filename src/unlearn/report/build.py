@@ -132,6 +132,46 @@ def _find_train_log(run: Run) -> Path | None:
     return None
 
 
+def _localization(run: Run) -> Path | None:
+    """The model's localization folder (`unlearn forget` with a localize section), if any."""
+    if run.train_log is None:
+        return None
+    folder = run.train_log.parent.parent / "localization"
+    return folder if (folder / "localization.json").is_file() else None
+
+
+def _localization_blocks(runs: list[Run]) -> list[Block]:
+    """Per localized model: what was selected, and the layers x module types heatmap."""
+    blocks: list[Block] = []
+    for i, run in enumerate(runs):
+        folder = _localization(run)
+        if folder is None:
+            continue
+        info = json.loads((folder / "localization.json").read_text())
+        settings = info.get("settings") or {}
+        text = (
+            f"{info.get('method')}: {info.get('selected', 0):,} of {info.get('scored', 0):,} "
+            f"scored weights selected ({100 * float(info.get('fraction') or 0):.3g}%), noise_std "
+            f"{settings.get('noise_std')}, "
+            + ("every weight trained after the noise." if settings.get("train_all")
+               else "only the selected weights trained.")
+        )  # fmt: skip
+        if info.get("experts"):
+            text += " Experts: " + ", ".join(
+                f"layer {e['layer']} expert {e['expert']}" for e in info["experts"]
+            )
+        blocks += [("h3", run.name), ("p", text)]
+        heat = folder / "heatmap.png"
+        if heat.is_file():
+            blocks.append(
+                ("img", f"plots/localization_{i}.png", f"{run.name} mask", heat.read_bytes())
+            )
+    if blocks:
+        intro = "Where the weights each localized run trained live (cells: % of a layer's module selected)."
+        blocks = [("h2", "Localization"), ("p", intro), *blocks]
+    return blocks
+
+
 def _read_train_log(path: Path) -> list[dict[str, float]]:
     """Numeric fields of every parseable line; a torn last line (a killed run) is skipped."""
     rows = []
@@ -459,6 +499,7 @@ def document(
                       plots["forget_quality_vs_model_utility"]),
         *_plot_blocks("Truth ratio on the forget set", "truth_ratio", plots["truth_ratio"]),
         *_plot_blocks("Training loss", "training_loss", plots["training_loss"]),
+        *_localization_blocks(runs),
         ("h2", "All metrics"),
         _metrics_table(runs, order),
         *_skipped_blocks(runs),
@@ -612,6 +653,9 @@ def build_report(
         elif (out / PLOTS[key]).is_file():
             (out / PLOTS[key]).unlink()  # a stale plot from an earlier report on other inputs
     blocks = document(runs, plots, show_examples)
+    for block in blocks:
+        if block[0] == "img" and block[1].startswith("plots/localization_"):
+            _write_bytes(out / block[1], block[3])
     summary = summarize(runs, plots, show_examples)
     atomic_write_text(out / "report.md", render_markdown(blocks))
     atomic_write_text(out / "report.html", render_html(blocks))

@@ -112,7 +112,7 @@ class _Run:
     fingerprint: dict[str, Any]
     output: Path
     log_path: Path
-    anchor: Any = None  # UOE's router anchor (unlearn.localize.uoe.Anchor), or None
+    anchor: Any = None  # UOE's router anchor (unlearn.localization.uoe.Anchor), or None
     keep_logits: bool = False  # the model takes `logits_to_keep` (see `_forward`)
     share_prefix: bool = False  # run a batch's common first tokens once (see `_prefix_forward`)
     reference_seconds: float = 0.0
@@ -140,9 +140,9 @@ def train(
     """Run `method` on `model` in place (the caller passes a model it owns, never the input's files).
 
     `second` holds each forget example's second answer (same order) when the method declares one.
-    `mask` ({parameter: bool tensor}, from `unlearn.localize`) restricts training to its selected
+    `mask` ({parameter: bool tensor}, from `unlearn.localization`) restricts training to its selected
     entries, like a method's `parameter_mask`; `anchor` adds UOE's router anchor loss to the
-    forget term (see `unlearn.localize.uoe`).
+    forget term (see `unlearn.localization.uoe`).
     Returns when all steps are done; raises TrainingDiverged (after checkpointing the last good
     state) on a NaN/inf loss or gradient, and UnlearnError (after checkpointing) on Ctrl-C.
     """

@@ -99,7 +99,7 @@ def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:
     if cfg.localize.active and command != "forget":
         raise UnlearnError("the localize section applies to `unlearn forget` only")
     if cfg.localize.mask is not None:
-        from unlearn.localize.mask import mask_file
+        from unlearn.localization.mask import mask_file
 
         mask_file(cfg.localize.mask)  # a missing mask fails now, not after loading the model
     if cfg.prompt.max_length < 8:
@@ -109,6 +109,8 @@ def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:
     retain = None
     if cfg.retain is not None and cfg.retain.path:
         retain = load_examples(cfg.retain, "retain")
+    if method.needs(params).second_target and method.second_targets is not None:
+        method.second_targets(forget, params, cfg.train.seed)  # a missing answer fails here
     if command == "forget" and method.needs_retain(params) and retain is None:
         raise UnlearnError(
             f"method '{method.name}' has a retain term (alpha={getattr(params, 'alpha', '?')}), but "
@@ -248,14 +250,14 @@ def execute(
     clock.lap("nll_check")
 
     out.mkdir(parents=True, exist_ok=True)
-    config_text = yaml.safe_dump(resolved_config(cfg, plan.params), sort_keys=False)
-    atomic_write_text(out / CONFIG_FILE, config_text)
     localization = None
-    if cfg.localize.active:
+    if cfg.localize.active:  # before config.yaml: a mask refused here leaves nothing to clean up
         # Scored on the data's own answers (what the model memorised), not on refusal targets.
         scored = tokenize_examples(plan.forget, formatter) if answers is not None else forget_items
         localization = _localize(model, scored, retain_items, pad_id, cfg, out)
     clock.lap("localize")
+    config_text = yaml.safe_dump(resolved_config(cfg, plan.params), sort_keys=False)
+    atomic_write_text(out / CONFIG_FILE, config_text)
     result = train(
         model,
         plan.method,
@@ -325,8 +327,8 @@ LOCALIZATION_DIR = "localization"
 
 def _localize(model, forget: list[Tokenized], retain, pad_id: int, cfg: RunConfig, out: Path):
     """Compute (or load) the mask, save it with the run, inject the noise into the model."""
-    from unlearn.localize.noise import inject_noise
-    from unlearn.localize.run import localize
+    from unlearn.localization.noise import inject_noise
+    from unlearn.localization.run import localize
 
     seed = cfg.localize.seed if cfg.localize.seed is not None else cfg.train.seed
     loc = localize(

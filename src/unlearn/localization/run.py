@@ -29,9 +29,9 @@ import torch
 
 from unlearn.config import LocalizeConfig, validate_localize
 from unlearn.errors import UnlearnError
-from unlearn.localize import mask as masks
-from unlearn.localize.plot import heatmap
-from unlearn.localize.scores import gradient_scores, random_scores, scored_parameters
+from unlearn.localization import mask as masks
+from unlearn.localization.plot import heatmap
+from unlearn.localization.scores import gradient_scores, random_scores, scored_parameters
 from unlearn.outputs import atomic_write_json, atomic_write_text
 from unlearn.prompts import Tokenized
 
@@ -89,7 +89,7 @@ def compute_mask(
     info: dict[str, Any] = {"method": cfg.method}
     scores = None
     if cfg.method == "uoe":
-        from unlearn.localize import uoe
+        from unlearn.localization import uoe
 
         layers = uoe.find_moe_layers(model)
         affinity = uoe.attribute(model, forget, pad_id, batch_size=cfg.batch_size)
@@ -185,7 +185,7 @@ def localize(
     write_outputs(output, mask, scores if cfg.scores else None, info, summary, fingerprint)
     anchor = None
     if info.get("experts"):
-        from unlearn.localize import uoe
+        from unlearn.localization import uoe
 
         anchor = uoe.Anchor.from_info(info["experts"], cfg.anchor_weight)
     return Localization(mask=mask, info=info, train_all=cfg.train_all, anchor=anchor)
@@ -309,5 +309,6 @@ def run_localize(cfg: Any) -> Localization:
         "retain": {"n": len(retain), "sha256": dataset_hash(retain)} if retain else None,
     }
     loc.info["model"] = cfg.model.name
+    loc.info["output"] = str(out)
     atomic_write_json(out / INFO_FILE, {**loc.info, "summary": masks.summarize(loc.mask)})
     return loc

@@ -29,7 +29,7 @@ def inject_noise(
         m = mask.get(name)
         if m is None or not bool(m.any()):
             continue
-        std = float(p.detach().float().std())
+        std = float(p.detach().float().std(correction=0))  # a 1-entry tensor: 0, not NaN
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * (noise_std * std)
         m = m.to(p.device)
         p.copy_(torch.where(m, p + noise.to(device=p.device, dtype=p.dtype), p))

@@ -43,8 +43,13 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
+def _value(bits: int) -> float:
+    """The float32 a bit pattern stands for; comparing values (not bits) counts -0.0 as 0."""
+    return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
+
+
 def _count_at_least(scores: list[torch.Tensor], bits: int) -> int:
-    return sum(int((s.view(torch.int32) >= bits).sum()) for s in scores)
+    return sum(int((s >= _value(bits)).sum()) for s in scores)
 
 
 def _kth_largest_bits(scores: list[torch.Tensor], k: int) -> int:
@@ -73,13 +78,13 @@ def _check_scores(scores: dict[str, torch.Tensor]) -> None:
 def _top_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Bool masks selecting exactly k entries: everything above the k-th largest value, then the
     earliest entries equal to it."""
-    bits = _kth_largest_bits(scores, k)
-    masks = [s.view(torch.int32) > bits for s in scores]
+    value = _value(_kth_largest_bits(scores, k))
+    masks = [s > value for s in scores]
     need = k - sum(int(m.sum()) for m in masks)
     for s, m in zip(scores, masks, strict=True):
         if need <= 0:
             break
-        ties = (s.view(torch.int32) == bits).reshape(-1).nonzero().squeeze(1)[:need]
+        ties = (s == value).reshape(-1).nonzero().squeeze(1)[:need]
         m.view(-1)[ties] = True
         need -= len(ties)
     return masks

@@ -174,6 +174,7 @@ def gradient_scores(
             p.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
+            p.grad = None  # a stale gradient would be folded into the first batch's
         scores = _mean_nll_gradients(model, forget, pad_id, batch_size, params, accumulate)
         if retain is not None:
             denom = _mean_nll_gradients(model, retain, pad_id, batch_size, params, accumulate)
