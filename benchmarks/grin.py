@@ -9,7 +9,7 @@ model. Every row below uses the same 24 optimizer steps.
 
 Stages, each row run in a child process (so peak memory is that row's own):
 1. masks: `unlearn localize` for GRIN at several top fractions and for the controls;
-2. sweep (NPO): learning rate, then top_fraction, then noise_std of GRIN, one at a time; the
+2. sweep (NPO + GRIN): noise_std, then top_fraction, then lr, then train_all, one at a time; the
    best setting (forget quality among settings keeping >= 0.95x the target's model utility, else
    the highest utility) is the default used in stage 3 and in `LocalizeConfig`;
 3. table: NPO, GradDiff and IdkDPO, each with no localization (at the demo's lr and at the
@@ -218,43 +218,91 @@ class Experiment:
         ]
 
     def sweep(self) -> dict[str, Any]:
-        """NPO + GRIN: lr, then top_fraction, then noise_std, one coordinate at a time."""
-        base_lr = self.settings.unlearn_lr
-        lrs = [base_lr, 5e-5, 1.5e-4] if not self.quick else [base_lr, 1.5e-4]
-        fractions = [0.001, 0.01, 0.05, 0.2] if not self.quick else [0.01]
+        """NPO + GRIN, one coordinate at a time: noise_std, then top_fraction, then lr, then
+        whether every weight trains after the noise. Starts at top 1% and lr 1.5e-4 (10x the
+        demo's: a masked run moves ~1% of the weights, so it needs larger steps; stage 3 checks)."""
+        lr, fraction = 1.5e-4, 0.01
         noises = [0.0, 0.1, 0.5, 1.0] if not self.quick else [0.0, 0.5]
-        stages: dict[str, list[str]] = {"lr": [], "top_fraction": [], "noise_std": []}
-        start_fraction, start_noise = 0.01, 0.5
-        grin = self.mask("grin", start_fraction)
-        for lr in lrs:
-            name = f"sweep npo grin f={start_fraction:g} noise={start_noise:g} lr={lr:g}"
-            self.row(name, "npo", self.localized(grin, start_noise, lr))
-            stages["lr"].append(name)
-        best_lr = float(self.rows[self.best(stages["lr"])]["overrides"][2].split("=")[1])
-        for fraction in fractions:
-            mask = self.mask("grin", fraction)
-            name = f"sweep npo grin f={fraction:g} noise={start_noise:g} lr={best_lr:g}"
-            self.row(name, "npo", self.localized(mask, start_noise, best_lr))
-            stages["top_fraction"].append(name)
-        best_fraction = float(self.best(stages["top_fraction"]).split("f=")[1].split()[0])
-        best_mask = self.mask("grin", best_fraction)
-        for noise in noises:
-            name = f"sweep npo grin f={best_fraction:g} noise={noise:g} lr={best_lr:g}"
-            self.row(name, "npo", self.localized(best_mask, noise, best_lr))
-            stages["noise_std"].append(name)
-        best_noise = float(self.best(stages["noise_std"]).split("noise=")[1].split()[0])
+        fractions = [0.001, 0.01, 0.05, 0.2] if not self.quick else [0.01]
+        lrs = [self.settings.unlearn_lr, 1.5e-4, 2.5e-4, 3.5e-4, 5e-4, 1.5e-3]
+        lrs = lrs if not self.quick else [1.5e-4]
+        stages: dict[str, list[str]] = {}
+
+        def run(f: float, noise: float, lr: float, train_all: bool = False) -> str:
+            mask = self.mask("grin", f)
+            name = f"sweep npo grin f={f:g} noise={noise:g} lr={lr:g}"
+            extra = []
+            if train_all:
+                name += " train_all"
+                extra = ["localize.train_all=true"]
+            self.row(name, "npo", self.localized(mask, noise, lr, extra))
+            self.rows[name]["setting"] = {
+                "top_fraction": f,
+                "noise_std": noise,
+                "lr": lr,
+                "train_all": train_all,
+            }
+            return name
+
+        stages["noise_std"] = [run(fraction, n, lr) for n in noises]
+        noise = self.rows[self.best(stages["noise_std"])]["setting"]["noise_std"]
+        stages["top_fraction"] = [run(f, noise, lr) for f in fractions]
+        fraction = self.rows[self.best(stages["top_fraction"])]["setting"]["top_fraction"]
+        stages["lr"] = [run(fraction, noise, x) for x in lrs]
+        lr = self.rows[self.best(stages["lr"])]["setting"]["lr"]
+        # The three coordinates interact (more weights need smaller steps): a few points around
+        # the choice, and the best of them and the lr stage wins.
+        if not self.quick:
+            near = [(2 * fraction, lr), (2 * fraction, round(lr * 0.7, 8)), (fraction, lr * 1.2)]
+            stages["refine"] = [run(f, noise, x) for f, x in near if f <= 1]
+            best = self.rows[self.best(stages["lr"] + stages["refine"])]["setting"]
+            fraction, lr = best["top_fraction"], best["lr"]
+        stages["train_all"] = [run(fraction, noise, lr, t) for t in (False, True)]
+        train_all = self.rows[self.best(stages["train_all"])]["setting"]["train_all"]
+        # Plain NPO's own learning-rate frontier, for a fair comparison with the localized one.
+        stages["npo without localization"] = []
+        for x in [self.settings.unlearn_lr, 3e-5, 5e-5] if not self.quick else []:
+            name = f"sweep npo no localization lr={x:g}"
+            self.row(name, "npo", [f"train.lr={x}"])
+            stages["npo without localization"].append(name)
+        # The table's "with noise" rows need a noise: the chosen one, or if the sweep chose none,
+        # the best non-zero one (so the table still shows what the noise does).
+        noisy = [n for n in stages["noise_std"] if self.rows[n]["setting"]["noise_std"] > 0]
+        table_noise = (
+            noise
+            if noise > 0 or not noisy
+            else (self.rows[self.best(noisy)]["setting"]["noise_std"])
+        )
         return {
+            "table_noise_std": table_noise,
             "stages": stages,
-            "lr": best_lr,
-            "top_fraction": best_fraction,
-            "noise_std": best_noise,
+            "lr": lr,
+            "top_fraction": fraction,
+            "noise_std": noise,
+            "train_all": train_all,
         }
 
+    def seeds(self, chosen: dict[str, Any], seeds: tuple[int, ...] = (1, 2)) -> list[str]:
+        """The chosen GRIN setting and plain NPO (demo lr) again with other training seeds (batch
+        order, retain sample, noise): how much of a difference is the seed's."""
+        grin = self.mask("grin", chosen["top_fraction"])
+        names = ["npo: no localization", "npo: GRIN, no noise"]
+        for seed in seeds:
+            name = f"npo: no localization, seed {seed}"
+            self.row(name, "npo", [f"train.seed={seed}"])
+            names.append(name)
+            name = f"npo: GRIN, no noise, seed {seed}"
+            settings = self.localized(grin, 0.0, chosen["lr"], [f"train.seed={seed}"])
+            self.row(name, "npo", settings)
+            names.append(name)
+        return names
+
     def table(self, methods: list[str], chosen: dict[str, Any]) -> dict[str, list[str]]:
-        lr, fraction, noise = chosen["lr"], chosen["top_fraction"], chosen["noise_std"]
+        lr, fraction, noise = chosen["lr"], chosen["top_fraction"], chosen["table_noise_std"]
+        extra = ["localize.train_all=true"] if chosen["train_all"] else []
         grin = self.mask("grin", fraction)
         masks = {
-            "GRIN": (grin, noise),
+            "GRIN (+ noise)": (grin, noise),
             "GRIN, no noise": (grin, 0.0),
             "random mask + noise": (self.mask("random", fraction), noise),
             "forget-gradient mask + noise": (self.mask("forget_grad", fraction), noise),
@@ -271,7 +319,7 @@ class Experiment:
                 names.append(name)
             for label, (mask, n) in masks.items():
                 name = f"{method}: {label}"
-                self.row(name, method, self.localized(mask, n, lr))
+                self.row(name, method, self.localized(mask, n, lr, extra))
                 names.append(name)
             groups[method] = names
         return groups
@@ -326,7 +374,10 @@ def write_page(exp: Experiment, chosen: dict[str, Any], groups: dict[str, list[s
         "utility is the harmonic mean over retain, real people and world facts. Goal: forget "
         f"quality >= {FQ_GOAL} at >= {UTILITY_BAR}x the target's utility "
         f"({UTILITY_BAR * t_util:.3f}). Wall time: unlearning run (load, localization or mask "
-        "loading, noise, training, save), without the evaluation; peak RSS: that process.",
+        "loading, noise, training, save), without the evaluation; peak RSS: that process. Rows "
+        "ran one at a time, each in its own process; rows are cached in the output folder, so a "
+        "page regenerated later may combine rows measured at different times, and other work on "
+        "the machine can inflate a row's wall time.",
         "",
     ]
     # the sweep
@@ -335,13 +386,28 @@ def write_page(exp: Experiment, chosen: dict[str, Any], groups: dict[str, list[s
         lines += [f"### {stage}", "", *_table(exp, names), ""]
     lines += [
         f"Chosen (the defaults used below, and `LocalizeConfig`'s): lr {chosen['lr']:g}, "
-        f"top_fraction {chosen['top_fraction']:g}, noise_std {chosen['noise_std']:g}.",
+        f"top_fraction {chosen['top_fraction']:g}, noise_std {chosen['noise_std']:g}, "
+        f'train_all {str(chosen["train_all"]).lower()}. Rows below marked "+ noise" use '
+        f"noise_std {chosen['table_noise_std']:g}.",
         "",
     ]
     # the table
     lines += ["## Methods x localization", ""]
     for method, names in groups.items():
         lines += [f"### {method}", "", *_table(exp, names), ""]
+    if chosen.get("seed_rows"):
+        names = chosen["seed_rows"]
+        lines += ["## Seeds (NPO)", "", "The same two settings with training seeds 0, 1, 2:", ""]
+        lines += [*_table(exp, names), ""]
+        for label in ("no localization", "GRIN, no noise"):
+            group = [n for n in names if n.split(": ", 1)[1].startswith(label)]
+            fq = [exp.rows[n]["metrics"]["forget_quality"] for n in group]
+            mu = [exp.rows[n]["metrics"]["model_utility"] for n in group]
+            lines.append(
+                f"- {label}: forget quality {min(fq):.2e} to {max(fq):.2e}, model utility "
+                f"{min(mu) / t_util:.3f}x to {max(mu) / t_util:.3f}x the target's"
+            )
+        lines.append("")
     # the goal
     lines += ["## Against the goal", ""]
     all_rows = [n for names in groups.values() for n in names]
@@ -361,7 +427,7 @@ def write_page(exp: Experiment, chosen: dict[str, Any], groups: dict[str, list[s
         )
     # scoring cost
     lines += ["", "## Scoring cost", ""]
-    base = exp.rows.get(f"{next(iter(groups))}: no localization")
+    base = exp.rows.get(f"{next(iter(groups))}: no localization") if groups else None
     epoch_s = None
     if base and base.get("train_seconds"):
         epoch_s = base["train_seconds"] / exp.settings.unlearn_epochs
@@ -411,6 +477,8 @@ def main() -> None:
     chosen = exp.sweep()
     print(f"[grin] chosen: {chosen}", flush=True)
     groups = {} if args.sweep_only else exp.table(args.methods.split(","), chosen)
+    if groups and not args.quick and "npo" in groups:
+        chosen["seed_rows"] = exp.seeds(chosen)
     text = write_page(exp, chosen, groups, sys.argv[1:])
     print(text)
 

@@ -376,9 +376,9 @@ def _forget(model_dir, data, out, method="npo", extra=(), **kw):
 
 
 VARIANTS = {
-    "grin": [],
-    "no_noise": ["localize.noise_std=0"],
-    "train_all": ["localize.train_all=true"],
+    "grin": ["localize.noise_std=0.5"],
+    "no_noise": [],  # the default noise_std is 0
+    "train_all": ["localize.noise_std=0.5", "localize.train_all=true"],
 }
 
 
@@ -747,7 +747,7 @@ def test_dry_run_shows_the_localize_plan_and_checks_it_before_any_model(
     assert code == 0, err
     plan = json.loads(out)
     assert plan["localize"]["method"] == "grin" and plan["localize"]["top_fraction"] == 0.02
-    assert plan["localize"]["noise_std"] == 0.5 and plan["localize"]["train_all"] is False
+    assert plan["localize"]["noise_std"] == 0.0 and plan["localize"]["train_all"] is False
     code, out, _ = cli(capsys, *args)
     assert code == 0 and json.loads(out)["localize"] is None
     for dry in (True, False):

@@ -123,7 +123,8 @@ class LocalizeConfig:
         "forget_grad" (|g_forget| only, no ratio), "random" (as many weights as grin, uniformly at
         random), "regex" (every entry of the parameters `include` names), "uoe" (the expert of a
         mixture-of-experts layer the forget data is routed to most, plus a router anchor loss).
-    top_fraction: share of the scored weights selected, in (0, 1].
+    top_fraction: share of the scored weights selected, in (0, 1]. A masked run moves few
+        weights, so it needs a larger train.lr than an unmasked one (docs/methods/grin.md).
     select: "global" ranks all scored weights together; "per_tensor" takes top_fraction of each.
     accumulate: how gradients add up over batches: "abs_sum" |sum_b g_b| (the gradient of the
         whole set's mean NLL), "sum_abs" sum_b |g_b|, "squared" sum_b g_b^2 (Fisher-like). The
@@ -134,7 +135,8 @@ class LocalizeConfig:
     retain_size: retain examples scored (a seeded sample); None = as many as forget examples.
     eps: added to the retain gradient's magnitude so the ratio stays finite.
     noise_std: Gaussian noise, in units of each tensor's weight std, added to the selected
-        weights before fine-tuning; 0 disables.
+        weights before fine-tuning (GRIN's noise injection); 0 disables. Off by default: on the
+        measured setup every noise level cost utility and bought no forgetting.
     train_all: after the noise, let every weight train (default: only the selected ones move).
     mask: a saved mask (a `unlearn localize` output folder or its mask.safetensors) used instead
         of scoring; it must come from the same model.
@@ -146,14 +148,15 @@ class LocalizeConfig:
     """
 
     method: Literal["none", "grin", "forget_grad", "random", "regex", "uoe"] = "none"
-    top_fraction: float = 0.01
+    # top_fraction 0.05 and noise_std 0: the best of benchmarks/grin.py's sweep (docs/results/grin.md)
+    top_fraction: float = 0.05
     select: Literal["global", "per_tensor"] = "global"
     accumulate: Literal["abs_sum", "sum_abs", "squared"] = "abs_sum"
     include: str | None = None
     exclude: str | None = DEFAULT_LOCALIZE_EXCLUDE
     retain_size: int | None = None
     eps: float = 1e-8
-    noise_std: float = 0.5
+    noise_std: float = 0.0
     train_all: bool = False
     mask: str | None = None
     scores: bool = False
