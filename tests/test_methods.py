@@ -274,6 +274,8 @@ def _forget_nll_after_step(name: str, **overrides) -> tuple[float, float]:
     inputs = LossInputs(logits, labels, retain_logits, retain_labels)
     if method.needs_reference_logp:
         inputs.ref_forget_logp = losses.sequence_logprob(logits.detach(), labels)[0]
+    if "logits" in method.needs(method.params()).reference:  # UNDIAL: the starting model's logits
+        inputs.ref_forget = {"logits": logits.detach().clone()}
     if method.needs(method.params()).second_target:  # DPO: a preferred answer, its own logits
         inputs.second_logits = torch.nn.Parameter(torch.randn(2, 4, 5))
         inputs.second_labels = torch.tensor([[-100, 0, 0, 1], [-100, -100, 3, 3]])
@@ -287,7 +289,11 @@ def _forget_nll_after_step(name: str, **overrides) -> tuple[float, float]:
     return before, losses.nll(logits.detach(), labels).item()
 
 
-@pytest.mark.parametrize("name", ["grad_ascent", "grad_diff", "npo", "simnpo", "dpo", "idk_dpo"])
+@pytest.mark.parametrize(
+    "name",
+    ["grad_ascent", "grad_diff", "npo", "simnpo", "undial", "ce_u", "wga", "satimp", "dpo",
+     "idk_dpo"],
+)  # fmt: skip
 def test_unlearning_step_increases_forget_nll(name: str) -> None:
     before, after = _forget_nll_after_step(name)
     assert after > before
@@ -308,6 +314,10 @@ def test_registry_lists_every_method_once() -> None:
         "grad_diff",
         "npo",
         "simnpo",
+        "undial",
+        "ce_u",
+        "wga",
+        "satimp",
         "idk_nll",
         "dpo",
         "idk_dpo",
@@ -328,6 +338,7 @@ def test_every_method_runs_on_full_inputs() -> None:
         inputs.ref_retain_logits = inputs.retain_logits.clone()
         inputs.second_logits, inputs.second_labels = seqs("C", "A")
         inputs.ref_second = {"sequence_logp": torch.tensor([-3.0, -2.0])}
+        inputs.ref_forget = {"logits": inputs.forget_logits.detach().clone()}
         loss, logs = method.loss(inputs, method.params())
         assert loss.dim() == 0 and torch.isfinite(loss)
         assert all(isinstance(v, float) for v in logs.values())

@@ -83,6 +83,10 @@ DIRECTION = {
     "grad_diff": +1,
     "npo": +1,
     "simnpo": +1,
+    "undial": +1,
+    "ce_u": +1,
+    "wga": +1,
+    "satimp": +1,
     "finetune": -1,
 }
 
@@ -102,7 +106,7 @@ def test_two_steps_change_every_parameter_and_move_forget_loss(
     before = _weights(target_dir)
     extra = (
         ["method.alpha=0"]
-        if name in ("grad_diff", "npo", "simnpo", "idk_nll", "dpo", "idk_dpo")
+        if name in ("grad_diff", "npo", "simnpo", "idk_nll", "dpo", "idk_dpo", "wga", "satimp")
         else []
     )
     res = unlearn.forget(

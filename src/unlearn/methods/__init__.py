@@ -14,6 +14,7 @@ import pydantic
 
 from unlearn.errors import UnlearnError
 from unlearn.methods import (
+    ce_u,
     dpo,
     finetune,
     grad_ascent,
@@ -21,7 +22,10 @@ from unlearn.methods import (
     idk_dpo,
     idk_nll,
     npo,
+    satimp,
     simnpo,
+    undial,
+    wga,
 )
 from unlearn.methods.base import LossInputs, Method
 
@@ -32,6 +36,10 @@ METHODS: dict[str, Method] = {
         grad_diff.METHOD,
         npo.METHOD,
         simnpo.METHOD,
+        undial.METHOD,
+        ce_u.METHOD,
+        wga.METHOD,
+        satimp.METHOD,
         idk_nll.METHOD,
         dpo.METHOD,
         idk_dpo.METHOD,
