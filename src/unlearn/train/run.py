@@ -255,7 +255,7 @@ def execute(
         # Scored on the data's own answers (what the model memorised), not on refusal targets.
         scored = tokenize_examples(plan.forget, formatter) if answers is not None else forget_items
         localization = _localize(model, scored, retain_items, pad_id, cfg, out)
-    clock.lap("localize")
+        clock.lap("localize")
     config_text = yaml.safe_dump(resolved_config(cfg, plan.params), sort_keys=False)
     atomic_write_text(out / CONFIG_FILE, config_text)
     result = train(
