@@ -150,11 +150,12 @@ def localize(
     seed: int,
     output: Path,
     reuse: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> Localization:
     """The run's mask: loaded (cfg.mask, or this output's own on resume) or computed, then written.
 
     The fingerprint of `model` is taken before anything changes it, so the saved mask can only be
-    applied to these weights.
+    applied to these weights. `extra` is added to localization.json (data hashes, model name).
     """
     validate_localize(cfg)
     fingerprint = masks.model_fingerprint(model)
@@ -180,6 +181,7 @@ def localize(
             "scored": summary["scored"],
             "fraction": summary["fraction"],
             "buffers_mb": round(2 * 4 * summary["scored"] / 2**20, 1),
+            **(extra or {}),
         }
     )
     write_outputs(output, mask, scores if cfg.scores else None, info, summary, fingerprint)
@@ -275,7 +277,7 @@ def run_localize(cfg: Any) -> Localization:
     The `localize` section says how (method "none" means GRIN here: scoring is the point); the
     `prompt` section must match the later `unlearn forget` run, since scores depend on the tokens.
     """
-    from unlearn.data import load_examples
+    from unlearn.data import dataset_hash, load_examples
     from unlearn.models import load_model_and_tokenizer, resolve_model
     from unlearn.prompts import PromptFormatter, tokenize_examples
 
@@ -301,14 +303,14 @@ def run_localize(cfg: Any) -> Localization:
     f_items = tokenize_examples(forget, formatter)
     r_items = tokenize_examples(retain, formatter) if retain else None
     seed = loc_cfg.seed if loc_cfg.seed is not None else cfg.train.seed
-    loc = localize(model, f_items, r_items, tokenizer.pad_token_id, loc_cfg, seed, out)
-    from unlearn.data import dataset_hash
-
-    loc.info["data"] = {
-        "forget": {"n": len(forget), "sha256": dataset_hash(forget)},
-        "retain": {"n": len(retain), "sha256": dataset_hash(retain)} if retain else None,
+    extra = {
+        "data": {
+            "forget": {"n": len(forget), "sha256": dataset_hash(forget)},
+            "retain": {"n": len(retain), "sha256": dataset_hash(retain)} if retain else None,
+        },
+        "model": cfg.model.name,
+        "output": str(out),
     }
-    loc.info["model"] = cfg.model.name
-    loc.info["output"] = str(out)
-    atomic_write_json(out / INFO_FILE, {**loc.info, "summary": masks.summarize(loc.mask)})
-    return loc
+    return localize(
+        model, f_items, r_items, tokenizer.pad_token_id, loc_cfg, seed, out, extra=extra
+    )
