@@ -79,6 +79,26 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
+def build_tiny_mixtral(vocab_size: int = 100, **overrides):
+    """A 2-layer random Mixtral (4 experts, top-2): the mixture-of-experts test model."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+    )
+    return MixtralForCausalLM(MixtralConfig(**{**cfg, **overrides}))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved 2-layer random Llama with its own tokenizer and chat template."""
@@ -141,3 +161,32 @@ def tiny(tiny_model_dir):
 
     model, tok, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_model_dir), device="cpu"))
     return model, PromptFormatter(tok, PromptConfig())
+
+
+@pytest.fixture(scope="session")
+def target_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model fine-tuned on the forget + retain answers of `qa_files`, so there is
+    something to unlearn (on a random model every token has p ~ 1/V)."""
+    import unlearn
+
+    root = tmp_path_factory.mktemp("target")
+    rows = [
+        {"question": f"Where was person {i} born?", "answer": f"Person {i} was born in city {i}."}
+        for i in range(6)
+    ] + [
+        {"question": f"What does person {i} do?", "answer": f"Person {i} is a teacher."}
+        for i in range(10, 20)
+    ]
+    data = write_jsonl(root / "all.jsonl", rows)
+    unlearn.finetune(
+        str(tiny_model_dir),
+        str(data),
+        str(root / "model"),
+        overrides=[
+            "train.progress=false",
+            "train.lr=3e-3",
+            "train.epochs=12",
+            "train.batch_size=4",
+        ],
+    )
+    return root / "model"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import build_tiny_model, build_tokenizer, write_jsonl
+from conftest import build_tiny_mixtral, build_tiny_model, build_tokenizer, write_jsonl
 from unlearn import api
 from unlearn.cli import main
 from unlearn.config import DEFAULT_LOCALIZE_EXCLUDE, LocalizeConfig, PromptConfig
@@ -674,23 +674,10 @@ def test_localize_cli_writes_a_reusable_private_mask(capsys, tiny_model_dir, dat
 
 # --------------------------------------------------------------------------------- 9. UOE
 def test_uoe_unlearns_only_the_chosen_expert_and_its_router(tmp_path, data):
-    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
     tok = build_tokenizer()
-    model = MixtralForCausalLM(
-        MixtralConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            max_position_embeddings=128,
-        )
-    )
+    model = build_tiny_mixtral(len(tok))
     with torch.no_grad():  # every token carries +1 on dim 1; layer 1's router sends it to expert 2
         model.get_input_embeddings().weight[:, 1] = 1.0
         gate = model.model.layers[1].mlp.gate.weight

@@ -35,29 +35,6 @@ def _tree_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def target_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model fine-tuned on forget + retain, so there is something to unlearn."""
-    root = tmp_path_factory.mktemp("target")
-    rows = [
-        {"question": f"Where was person {i} born?", "answer": f"Person {i} was born in city {i}."}
-        for i in range(6)
-    ] + [
-        {"question": f"What does person {i} do?", "answer": f"Person {i} is a teacher."}
-        for i in range(10, 20)
-    ]
-    from conftest import write_jsonl
-
-    data = write_jsonl(root / "all.jsonl", rows)
-    unlearn.finetune(
-        str(tiny_model_dir),
-        str(data),
-        str(root / "model"),
-        overrides=[*FAST, "train.lr=3e-3", "train.epochs=12", "train.batch_size=4"],
-    )
-    return root / "model"
-
-
 def test_plan_is_deterministic_and_covers_every_example():
     cfg = TrainConfig(batch_size=2, grad_accum=2, epochs=2, seed=3)
     a, b = plan_steps(7, cfg), plan_steps(7, cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import build_tiny_mixtral
 from unlearn.errors import UnlearnError
 from unlearn.localization.uoe import (
     ExpertChoice,
@@ -25,21 +26,7 @@ PAD = 0
 
 
 def mixtral(**overrides):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    cfg = dict(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    return MixtralForCausalLM(MixtralConfig(**{**cfg, **overrides}))
+    return build_tiny_mixtral(**{"max_position_embeddings": 64, **overrides})
 
 
 def qwen2_moe(**overrides):

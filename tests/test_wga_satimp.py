@@ -4,13 +4,11 @@ training run on the tiny Llama, one-line errors for bad hyperparameters, and the
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import unlearn
-from conftest import write_jsonl
 from unlearn.errors import UnlearnError
 from unlearn.methods import build_params, describe_methods
 from unlearn.methods.base import LossInputs
@@ -116,25 +114,6 @@ def test_describe_methods_lists_both():
     sat = next(line for line in lines if line.startswith("satimp:"))
     assert "beta=1.0" in wga and "alpha=1.0" in wga
     assert "beta1=5.0" in sat and "beta2=1.0" in sat and "alpha=0.1" in sat
-
-
-@pytest.fixture(scope="module")
-def target_dir(tiny_model_dir, tmp_path_factory, one_torch_thread) -> Path:
-    """The tiny model fine-tuned on the forget answers, so tokens have probabilities well above 0
-    (on a random model p ~ 1/V and SatImp's p**5 weights vanish)."""
-    root = tmp_path_factory.mktemp("target")
-    rows = [
-        {"question": f"Where was person {i} born?", "answer": f"Person {i} was born in city {i}."}
-        for i in range(6)
-    ]
-    data = write_jsonl(root / "all.jsonl", rows)
-    unlearn.finetune(
-        str(tiny_model_dir),
-        str(data),
-        str(root / "model"),
-        overrides=[*FAST, "train.lr=1e-2", "train.epochs=30", "train.batch_size=3"],
-    )
-    return root / "model"
 
 
 @pytest.mark.parametrize("name", ["wga", "satimp"])

@@ -71,7 +71,7 @@ def _check_scores(scores: dict[str, torch.Tensor]) -> None:
         if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
             raise UnlearnError(
                 f"localization scores of {name} are negative or not finite; the gradients "
-                "overflowed (try a smaller model dtype range: model.dtype=float32)"
+                "overflowed; load the model in float32 (model.dtype=float32)"
             )
 
 

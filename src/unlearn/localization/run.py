@@ -60,6 +60,15 @@ class Localization:
         return None if self.train_all else self.mask
 
 
+def check_retain(cfg: LocalizeConfig, has_retain: bool) -> None:
+    """GRIN's ratio needs retain gradients; say so before any model is loaded."""
+    if cfg.method == "grin" and cfg.mask is None and not has_retain:
+        raise UnlearnError(
+            "localize.method=grin divides by the retain gradient, but no retain data was given; "
+            "pass --retain FILE, or use localize.method=forget_grad"
+        )
+
+
 def retain_sample(items: list[Tokenized], n: int, seed: int) -> list[Tokenized]:
     """n retain sequences drawn without replacement by a seeded RNG, in their original order."""
     if n >= len(items):
@@ -82,7 +91,6 @@ def compute_mask(
     seed: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
     """(mask, scores or None, info) for cfg.method on `model`; the weights are not changed."""
-    validate_localize(cfg)
     t0 = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -108,11 +116,7 @@ def compute_mask(
                 scores = random_scores(params, seed)
             else:
                 use_retain = cfg.method == "grin"
-                if use_retain and not retain:
-                    raise UnlearnError(
-                        "localize.method=grin divides by the retain gradient, but no retain data "
-                        "was given; pass --retain FILE, or use localize.method=forget_grad"
-                    )
+                check_retain(cfg, bool(retain))
                 n_retain = cfg.retain_size or len(forget)
                 sample = retain_sample(retain or [], n_retain, seed) if use_retain else None
                 info["retain_sequences"] = len(sample) if sample is not None else 0
@@ -291,11 +295,7 @@ def run_localize(cfg: Any) -> Localization:
     retain = None
     if cfg.retain is not None and cfg.retain.path:
         retain = load_examples(cfg.retain, "retain")
-    if loc_cfg.method == "grin" and retain is None:
-        raise UnlearnError(
-            "localize.method=grin divides by the retain gradient, but no retain data was given; "
-            "pass --retain FILE, or use localize.method=forget_grad"
-        )
+    check_retain(loc_cfg, retain is not None)
     resolve_model(cfg.model)
     out = _prepare_folder(cfg.output, cfg.overwrite)
     model, tokenizer, _ = load_model_and_tokenizer(cfg.model)

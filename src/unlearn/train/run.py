@@ -118,11 +118,10 @@ def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:
         )
     if not cfg.output:
         raise UnlearnError("no output folder given; pass --output DIR")
-    if cfg.localize.method == "grin" and cfg.localize.mask is None and retain is None:
-        raise UnlearnError(
-            "localize.method=grin divides by the retain gradient, but no retain data was given; "
-            "pass --retain FILE, or use localize.method=forget_grad"
-        )
+    if cfg.localize.active:
+        from unlearn.localization.run import check_retain
+
+        check_retain(cfg.localize, retain is not None)
     from unlearn.models import resolve_model
 
     resolve_model(cfg.model)
