@@ -15,7 +15,15 @@ place a method lives and the loop never looks for attribute names:
 * `forget_targets(examples, params, seed)`: the answers to train on instead of the data's (refusals);
 * `second_targets(examples, params, seed)`: the second answer of every forget example (DPO's
   preferred answer when the forget answer is the rejected one);
-* `parameter_mask(model, params)`: which parameter entries may change (GRIN-style localisation).
+* `parameter_mask(model, params)`: which parameter entries may change (GRIN-style localisation);
+* `init_state` / `update_state`: a few floats the method carries from step to step (PDU's dual
+  variable), saved in checkpoints and logged;
+* `finalize(start, trained, params)`: new weights from the start and the trained ones, after the
+  last step (task-vector negation).
+
+How the forget and retain gradients combine is a declaration too (`Needs.gradients`): summed, the
+forget gradient projected off the retain gradient (gradient surgery), or summed with a penalty on
+their cosine (UNO, a double backward). The loop computes them; a method never calls autograd.
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ from typing import Any, Literal
 
 import torch
 
-RefValue = Literal["sequence_logp", "token_logp", "logits"]
-REF_VALUES: tuple[str, ...] = ("sequence_logp", "token_logp", "logits")
+RefValue = Literal["sequence_logp", "token_logp", "logits", "reinforced_logits"]
+REF_VALUES: tuple[str, ...] = ("sequence_logp", "token_logp", "logits", "reinforced_logits")
+GRADIENTS: tuple[str, ...] = ("sum", "project", "orthogonal")
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,19 @@ class RetainTerm:
     weight: float
     kind: str = "nll"
     loss: Callable[[LossInputs], torch.Tensor] | None = None
+    state_weight: str | None = (
+        None  # the weight is `weight * state[state_weight]` (a dual variable)
+    )
+
+
+@dataclass(frozen=True)
+class Reinforce:
+    """A reinforced model (WHP): the starting model fine-tuned further on the forget data with
+    plain NLL, `steps` optimizer steps at `lr` (the run's batch size and seed), whose logits on the
+    forget examples are cached as the reference value "reinforced_logits" before the copy is freed."""
+
+    steps: int
+    lr: float
 
 
 @dataclass(frozen=True)
@@ -53,10 +75,18 @@ class Needs:
         `losses.token_logprobs`, "logits" [B, T, V] (memory: N x T x V floats on the CPU).
     second_target: every forget example has a second answer (`Method.second_targets`); both are
         forwarded and the reference values above are cached for both.
-    hidden_layers: hidden states the model must return, numbered as Hugging Face's
-        `output_hidden_states` (0 = embeddings, i = output of block i).
-    reference_hidden_layers: the same from a frozen copy of the starting model, on the forget and
-        the retain batch (this, and a "kl" retain term, are what keep a second model in memory).
+    hidden_layers: decoder blocks (0-based) whose output hidden states the loss reads, [B, T, H]
+        over the full sequence (what a forward hook on block i sees).
+    reference_hidden_layers: the same from a frozen copy of the starting model that holds only the
+        embeddings and the blocks up to the deepest one named, on the forget and the retain batch.
+    logits: False when the loss reads hidden states only: the model then runs only up to the
+        deepest block in `hidden_layers` and the logits in LossInputs are None.
+    gradients: "sum" (the usual), "project" (gradient surgery: when the forget gradient g_f and
+        the weighted retain gradient g_r conflict, g_f . g_r < 0, g_f loses its component along
+        g_r; `project_always` projects whatever the sign), or "orthogonal" (UNO: the loss gains
+        `orthogonal_weight * (g_f . g_r)^2 / (|g_f|^2 |g_r|^2)`, differentiated by a double
+        backward). Both need a retain term.
+    reinforce: train a reinforced copy first and cache its logits (see `Reinforce`).
     """
 
     retain: RetainTerm | None = None
@@ -64,17 +94,28 @@ class Needs:
     second_target: bool = False
     hidden_layers: tuple[int, ...] = ()
     reference_hidden_layers: tuple[int, ...] = ()
+    logits: bool = True
+    gradients: str = "sum"
+    orthogonal_weight: float = 0.0
+    project_always: bool = False
+    reinforce: Reinforce | None = None
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.reference if r not in REF_VALUES]
         if unknown:
             raise ValueError(f"unknown reference value {unknown[0]!r}; valid: {REF_VALUES}")
+        if self.gradients not in GRADIENTS:
+            raise ValueError(f"unknown gradients {self.gradients!r}; valid: {GRADIENTS}")
+        if "reinforced_logits" in self.reference and self.reinforce is None:
+            raise ValueError("reference 'reinforced_logits' needs `reinforce`")
+        if not self.logits and not self.hidden_layers:
+            raise ValueError("logits=False needs hidden_layers: the loss must read something")
 
     @property
     def reference_model(self) -> bool:
-        """Whether a frozen copy of the starting model must stay in memory during training."""
-        kl = self.retain is not None and self.retain.kind == "kl"
-        return kl or bool(self.reference_hidden_layers)
+        """Whether a whole frozen copy of the starting model stays in memory during training (a KL
+        retain term; reference hidden states keep only the blocks they need)."""
+        return self.retain is not None and self.retain.kind == "kl"
 
 
 @dataclass
@@ -82,6 +123,7 @@ class LossInputs:
     """One micro-batch's model outputs and cached values.
 
     forget_logits / forget_labels: the model on the forget batch, [B, T, V] and [B, T] (-100 masked),
+        (logits None when `Needs.logits` is False; labels then cover the full sequence)
         where T counts positions from the one before the batch's first answer token (prompt
         positions before it carry no loss, so the loop computes no logits there; cached reference
         values and reference logits are cut the same way).
@@ -91,12 +133,13 @@ class LossInputs:
     ref_retain_logits: the frozen starting model on the retain batch (only for KL retain terms).
     second_logits / second_labels / ref_second: the same for the second answer (DPO-style methods).
     forget_hidden / retain_hidden / ref_forget_hidden / ref_retain_hidden: {layer: [B, T, H]}.
+    state: the method's state before this step (`Method.init_state`), read-only.
     defer_retain: set by the training loop, which backpropagates the retain term in a pass of its
         own so that the forget and retain batches' activations are never in memory together; the
         method's loss then returns only its forget part (see `retain.weighted_retain`).
     """
 
-    forget_logits: torch.Tensor
+    forget_logits: torch.Tensor | None
     forget_labels: torch.Tensor
     retain_logits: torch.Tensor | None = None
     retain_labels: torch.Tensor | None = None
@@ -111,11 +154,27 @@ class LossInputs:
     retain_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     ref_forget_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     ref_retain_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    state: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What `Method.update_state` sees after an optimizer step: completed steps, total steps, and
+    the step's loss terms averaged over its micro-batches (e.g. "retain_loss", unweighted)."""
+
+    step: int
+    total: int
+    logs: dict[str, float]
 
 
 LossFn = Callable[[LossInputs, Any], "tuple[torch.Tensor, dict[str, float]]"]
 TargetsFn = Callable[[Sequence[Any], Any, int], "list[str]"]
 MaskFn = Callable[[torch.nn.Module, Any], "dict[str, torch.Tensor]"]
+StateFn = Callable[[Any], "dict[str, float]"]
+UpdateFn = Callable[["dict[str, float]", StepInfo, Any], "dict[str, float]"]
+FinalizeFn = Callable[
+    ["dict[str, torch.Tensor]", "dict[str, torch.Tensor]", Any], "dict[str, torch.Tensor]"
+]
 
 
 def _no_needs(params: Any) -> Needs:
@@ -139,6 +198,10 @@ class Method:
     parameter_mask: (model, params) -> {parameter name: bool tensor of its shape}. Only the
         selected entries change: gradients are masked, weight decay touches only selected entries,
         and parameters not in the dict (or with no entry selected) get no optimizer state.
+    init_state: params -> {name: float}, the state the loss reads in `LossInputs.state`.
+    update_state: (state, StepInfo, params) -> new state, after every optimizer step.
+    finalize: (start weights {name: CPU tensor}, trained weights, params) -> {name: new weight},
+        applied after the last step; the loop keeps a CPU copy of the start only for such methods.
     """
 
     name: str
@@ -150,6 +213,9 @@ class Method:
     forget_targets: TargetsFn | None = None
     second_targets: TargetsFn | None = None
     parameter_mask: MaskFn | None = None
+    init_state: StateFn | None = None
+    update_state: UpdateFn | None = None
+    finalize: FinalizeFn | None = None
 
     def needs_retain(self, params: Any) -> bool:
         """Whether the loop must forward a retain batch (a declared retain term, weight != 0)."""

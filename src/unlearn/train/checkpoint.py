@@ -102,8 +102,17 @@ def read_progress(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / PROGRESS).read_text())
 
 
-def save_checkpoint(accelerator, output: Path, step: int, fingerprint: dict[str, Any]) -> Path:
-    """Write `step-N` atomically (staging folder, then rename), then drop older checkpoints only."""
+def save_checkpoint(
+    accelerator,
+    output: Path,
+    step: int,
+    fingerprint: dict[str, Any],
+    method_state: dict[str, float] | None = None,
+) -> Path:
+    """Write `step-N` atomically (staging folder, then rename), then drop older checkpoints only.
+
+    `method_state` (a method's floats carried between steps, e.g. PDU's dual variable) is stored
+    in progress.json beside the step, so a resumed run continues with it."""
     root = output / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -115,7 +124,9 @@ def save_checkpoint(accelerator, output: Path, step: int, fingerprint: dict[str,
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging), safe_serialization=False)
     if accelerator.is_main_process:
-        progress = {"step": step, "config": fingerprint}
+        progress: dict[str, Any] = {"step": step, "config": fingerprint}
+        if method_state:
+            progress["method_state"] = method_state
         (staging / PROGRESS).write_text(json.dumps(progress))
         os.replace(staging, final)
         for d in root.iterdir():

@@ -27,6 +27,8 @@ the larger batch's, not their sum.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -43,15 +45,15 @@ from tqdm.auto import tqdm
 from unlearn.config import TrainConfig
 from unlearn.errors import TrainingDiverged, UnlearnError
 from unlearn.kvcache import cache_of, past
-from unlearn.methods.base import LossInputs, Method, Needs
+from unlearn.methods.base import LossInputs, Method, Needs, StepInfo
 from unlearn.methods.retain import retain_term
 from unlearn.prompts import Tokenized, collate
 from unlearn.train import checkpoint as ckpt_io
+from unlearn.train import hidden as hidden_io
 from unlearn.train.checkpoint import CHECKPOINTS, latest_checkpoint
 from unlearn.train.reference import (
     batch_values,
     frozen_copy,
-    hidden,
     kept_positions,
     reference_values,
     takes_logits_to_keep,
@@ -113,6 +115,9 @@ class _Run:
     output: Path
     log_path: Path
     anchor: Any = None  # UOE's router anchor (unlearn.localization.uoe.Anchor), or None
+    ref_hidden: torch.nn.Module | None = None  # the starting model's first blocks (`hidden`)
+    state: dict[str, float] = field(default_factory=dict)  # the method's (`Method.init_state`)
+    start: dict[str, torch.Tensor] | None = None  # start weights on the CPU, for `finalize`
     keep_logits: bool = False  # the model takes `logits_to_keep` (see `_forward`)
     share_prefix: bool = False  # run a batch's common first tokens once (see `_prefix_forward`)
     reference_seconds: float = 0.0
@@ -169,10 +174,10 @@ def train(
             for cb in callbacks or []:
                 cb(completed, logs)
             if cfg.save_every and completed % cfg.save_every == 0 and completed < run.total:
-                ckpt_io.save_checkpoint(run.accelerator, output, completed, run.fingerprint)
+                _save(run, completed)
     except _Diverged as exc:
         bar.close()
-        ckpt = ckpt_io.save_checkpoint(run.accelerator, output, completed, run.fingerprint)
+        ckpt = _save(run, completed)
         raise TrainingDiverged(
             f"training stopped at step {completed + 1}: {exc.reason}; the last good state (after "
             f"step {completed}) is saved in {ckpt}; rerun with --resume and a lower train.lr "
@@ -180,7 +185,7 @@ def train(
         ) from None
     except KeyboardInterrupt:
         bar.close()
-        ckpt = ckpt_io.save_checkpoint(run.accelerator, output, completed, run.fingerprint)
+        ckpt = _save(run, completed)
         raise UnlearnError(
             f"interrupted after step {completed} of {run.total}; state saved in {ckpt}; rerun "
             "the same command with --resume to continue"
@@ -189,6 +194,8 @@ def train(
         for p in run.frozen:
             p.requires_grad_(True)
     bar.close()
+    if run.method.finalize is not None and run.start is not None:
+        _finalize(run)
     return TrainResult(
         steps=run.total,
         final_logs={k: v for k, v in logs.items() if k not in ("step", "epoch", "seconds", "lr")},
@@ -225,9 +232,22 @@ def _setup(
     _refuse_unsupported(accelerator)
     needs = method.needs(params)
     _check_data(method, needs, forget, retain, second)
+    _check_needs(method, needs, model, accelerator)
+    reinforced = _reinforced_logits(model, needs, forget, cfg, output, pad_id)
     torch.manual_seed(cfg.seed)
     uses_retain = needs.retain is not None and needs.retain.weight != 0
     ref_model = frozen_copy(model, accelerator) if needs.reference_model else None
+    ref_hidden = None
+    if needs.reference_hidden_layers:
+        ref_hidden = hidden_io.truncated_copy(model, max(needs.reference_hidden_layers))
+        ref_hidden = accelerator.prepare_model(ref_hidden, evaluation_mode=True)
+    start = None
+    if method.finalize is not None:
+        start = {
+            n: p.detach().to("cpu", copy=True)
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
     steps = plan_steps(len(forget), cfg)
     offsets = [0]
     for s in steps:
@@ -246,8 +266,11 @@ def _setup(
     unwrapped = accelerator.unwrap_model(model)
     batch = max(cfg.batch_size, 8)
     t_ref = time.time()
-    ref_forget = reference_values(unwrapped, forget, pad_id, needs.reference, batch)
-    ref_second = reference_values(unwrapped, second or [], pad_id, needs.reference, batch)
+    kinds = tuple(k for k in needs.reference if k != "reinforced_logits")
+    ref_forget = reference_values(unwrapped, forget, pad_id, kinds, batch)
+    ref_second = reference_values(unwrapped, second or [], pad_id, kinds, batch)
+    if reinforced is not None:
+        ref_forget["reinforced_logits"] = reinforced
     reference_seconds = time.time() - t_ref
     data = {
         "forget": ckpt_io.items_hash(forget),
@@ -268,7 +291,52 @@ def _setup(
         share_prefix=anchor is None and _can_share_prefix(accelerator, model),
         reference_seconds=reference_seconds,
         anchor=anchor,
+        ref_hidden=ref_hidden,
+        state=dict(method.init_state(params)) if method.init_state is not None else {},
+        start=start,
     )  # fmt: skip
+
+
+def _check_needs(method: Method, needs: Needs, model, accelerator) -> None:
+    """Declarations the model or the process layout cannot honour, refused before any work."""
+    layers = tuple(needs.hidden_layers) + tuple(needs.reference_hidden_layers)
+    if layers:
+        hidden_io.check_layers(model, layers, f"method '{method.name}'")
+    if needs.gradients != "sum" and accelerator.num_processes > 1:
+        raise UnlearnError(
+            f"method '{method.name}' combines the forget and retain gradients itself "
+            f"(gradients={needs.gradients}), which is implemented for one process only; run it "
+            "without `accelerate launch`/torchrun"
+        )
+
+
+def _reinforced_logits(
+    model: torch.nn.Module,
+    needs: Needs,
+    forget: list[Tokenized],
+    cfg: TrainConfig,
+    output: Path,
+    pad_id: int,
+) -> list[torch.Tensor] | None:
+    """WHP's reinforced model: a copy of the start fine-tuned on the forget data with plain NLL,
+    run through this same loop (its log in OUT/logs/reinforce/), its forget logits cached, freed."""
+    spec = needs.reinforce
+    if spec is None:
+        return None
+    from unlearn.methods.finetune import METHOD as FINETUNE
+    from unlearn.methods.finetune import FinetuneParams
+
+    sub = dataclasses.replace(
+        cfg, lr=spec.lr, max_steps=spec.steps, save_every=0, warmup_steps=None, warmup_ratio=0.0,
+        keep_checkpoints=False, nll_check=False,
+    )  # fmt: skip
+    reinforced = copy.deepcopy(model)
+    train(
+        reinforced, FINETUNE, FinetuneParams(), forget, sub, output / "logs" / "reinforce", pad_id
+    )
+    values = reference_values(reinforced, forget, pad_id, ("logits",), max(cfg.batch_size, 8))
+    del reinforced
+    return values["logits"]
 
 
 def _can_share_prefix(accelerator, model) -> bool:
@@ -301,6 +369,12 @@ def _check_data(method, needs: Needs, forget, retain, second) -> None:
             f"method '{method.name}' needs a second answer for each of the {len(forget)} forget "
             f"sequences, got {0 if second is None else len(second)}; use question/answer forget "
             "data and give the method a second_targets hook"
+        )
+    if needs.gradients != "sum" and (needs.retain is None or needs.retain.weight == 0):
+        raise UnlearnError(
+            f"method '{method.name}' combines the forget gradient with the retain gradient "
+            f"(gradients={needs.gradients}), so it needs a retain term; set method.alpha > 0 and "
+            "pass --retain FILE"
         )
 
 
@@ -408,6 +482,8 @@ def _restore(run: _Run, resume: bool) -> tuple[int, int | None, list[dict[str, A
     progress = ckpt_io.read_progress(ckpt)
     changes = ckpt_io.check_resume(progress.get("config"), run.fingerprint, ckpt)
     run.accelerator.load_state(str(ckpt))
+    if "method_state" in progress:
+        run.state = {k: float(v) for k, v in progress["method_state"].items()}
     ckpt_io.apply_allowed(changes, run.optimizer, run.scheduler)
     history = ckpt_io.truncate_log(run.log_path, step)
     if changes:
@@ -423,45 +499,77 @@ def _restore(run: _Run, resume: bool) -> tuple[int, int | None, list[dict[str, A
 
 # ---------------------------------------------------------------------------- one step
 def _one_step(run: _Run, step: int) -> tuple[dict[str, float], float]:
-    """Accumulate every micro-batch's gradients, check them, apply the update."""
+    """Accumulate every micro-batch's gradients, check them, apply the update, update the state."""
     micros = run.steps[step]
     sums: dict[str, float] = {}
     bad: list[str] = []
-    for j, idx in enumerate(micros):
-        last = j == len(micros) - 1
-        terms = _forget_pass(run, idx, len(micros), bad, sync=last and run.retain is None)
-        if run.retain is not None:
-            r_idx = run.retain_plan[run.offsets[step] + j]
-            terms["loss"] += _retain_pass(run, r_idx, len(micros), terms, bad, sync=last)
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v) / len(micros)
+    mode = run.needs.gradients
+    retain_idx = (
+        [run.retain_plan[run.offsets[step] + j] for j in range(len(micros))]
+        if run.retain is not None
+        else []
+    )
+    if mode == "orthogonal":
+        for idx, r_idx in zip(micros, retain_idx, strict=True):
+            _add(sums, _orthogonal_micro(run, idx, r_idx, len(micros), bad), len(micros))
+    elif mode == "project":
+        for idx in micros:
+            _add(sums, _forget_pass(run, idx, len(micros), bad, sync=True), len(micros))
+        g_f = _take_grads(run)
+        for r_idx in retain_idx:
+            logs: dict[str, float] = {}
+            value = _retain_pass(run, r_idx, len(micros), logs, bad, sync=True)
+            _add(sums, {**logs, "loss": value}, len(micros))
+        sums["grad_cos"] = _project(run, g_f, always=run.needs.project_always)
+    else:
+        for j, idx in enumerate(micros):
+            last = j == len(micros) - 1
+            terms = _forget_pass(run, idx, len(micros), bad, sync=last and run.retain is None)
+            if run.retain is not None:
+                terms["loss"] += _retain_pass(
+                    run, retain_idx[j], len(micros), terms, bad, sync=last
+                )
+            _add(sums, terms, len(micros))
     grad_norm = _finish_gradients(run, step, bad)
     _apply(run)
+    if run.method.update_state is not None:
+        info = StepInfo(step=step + 1, total=run.total, logs=dict(sums))
+        run.state = dict(run.method.update_state(dict(run.state), info, run.params))
     return sums, grad_norm
 
 
+def _add(sums: dict[str, float], terms: dict[str, float], n_micro: int) -> None:
+    for k, v in terms.items():
+        sums[k] = sums.get(k, 0.0) + float(v) / n_micro
+
+
 def _forward(run: _Run, model, items: list[Tokenized], idx: list[int], layers: tuple[int, ...]):
-    """The model on a collated batch: (outputs, labels, inputs, kept, shared).
+    """The model on a collated batch: (logits or None, {block: hidden}, labels, inputs, kept).
 
     Logits are computed only from the position before the batch's first scored token on
     (`logits_to_keep`), and labels are cut to match: prompt positions carry no loss, and with a
     vocabulary of ~50k the output layer and its softmax over every prompt position were a fifth of
     a fine-tuning step. `kept` (the positions kept, or None for all) lets the caller cut cached
     reference values and reference logits the same way. Methods reading hidden states get full
-    sequences.
+    sequences, and a method that reads no logits stops the model after its deepest block.
     """
     batch = collate([items[i] for i in idx], run.pad_id)
     batch = {k: v.to(run.accelerator.device) for k, v in batch.items()}
     labels = batch.pop("labels")
-    flag: dict[str, Any] = {"output_hidden_states": True} if layers else {}
-    kept = None if layers or not run.keep_logits else kept_positions(labels)
+    if layers:
+        stop = not run.needs.logits and run.accelerator.num_processes == 1
+        out, seen = hidden_io.run(model, batch, layers, stop)
+        logits = None if out is None or not run.needs.logits else out.logits
+        return logits, seen, labels, batch, None
+    flag: dict[str, Any] = {}
+    kept = kept_positions(labels) if run.keep_logits else None
     if kept is not None:
         flag["logits_to_keep"] = kept
         labels = labels[:, -kept:]
-    shared = 0 if layers or not run.share_prefix else _shared_prefix(batch, kept)
+    shared = _shared_prefix(batch, kept) if run.share_prefix else 0
     if shared:
-        return _prefix_forward(model, batch, shared, flag), labels, batch, kept, shared
-    return model(**batch, **flag), labels, batch, kept, shared
+        return _prefix_forward(model, batch, shared, flag).logits, {}, labels, batch, kept
+    return model(**batch, **flag).logits, {}, labels, batch, kept
 
 
 def _shared_prefix(batch: dict[str, torch.Tensor], kept: int | None) -> int:
@@ -502,17 +610,16 @@ def _prefix_forward(model, batch: dict[str, torch.Tensor], n: int, flag: dict[st
 
 
 def _ref_hidden(run: _Run, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """The frozen starting model's block outputs (its truncated copy, stopped at the last one)."""
     layers = run.needs.reference_hidden_layers
-    if not layers or run.ref_model is None:
+    if not layers or run.ref_hidden is None:
         return {}
     with torch.no_grad(), run.accelerator.autocast():
-        return hidden(run.ref_model(**batch, output_hidden_states=True), layers)
+        return hidden_io.run(run.ref_hidden, batch, layers, stop=True)[1]
 
 
-def _forget_pass(run: _Run, idx, n_micro: int, bad: list[str], sync: bool) -> dict[str, float]:
-    """Forward the forget (and second-answer) batch, backpropagate the method's forget loss."""
-    rank, world = run.accelerator.process_index, run.accelerator.num_processes
-    mine, weight = shard(idx, rank, world)
+def _forget_loss(run: _Run, mine: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The method's forget loss on this process's rows (plus UOE's anchor), not yet backpropagated."""
     needs, device = run.needs, run.accelerator.device
     unwrapped = run.accelerator.unwrap_model(run.model) if run.anchor is not None else None
     with (
@@ -520,22 +627,23 @@ def _forget_pass(run: _Run, idx, n_micro: int, bad: list[str], sync: bool) -> di
         if run.anchor is not None
         else contextlib.nullcontext({}) as routed
     ):
-        out, labels, batch, kept, _ = _forward(
+        logits, seen, labels, batch, kept = _forward(
             run, run.model, run.forget, mine, needs.hidden_layers
         )
     ref = batch_values(run.ref_forget, mine, batch["input_ids"].shape[1], device, kept)
     inputs = LossInputs(
-        forget_logits=out.logits,
+        forget_logits=logits,
         forget_labels=labels,
         defer_retain=run.retain is not None,
         ref_forget=ref,
         ref_forget_logp=ref.get("sequence_logp"),
-        forget_hidden=hidden(out, needs.hidden_layers) if needs.hidden_layers else {},
+        forget_hidden=seen,
         ref_forget_hidden=_ref_hidden(run, batch),
+        state=dict(run.state),
     )
     if needs.second_target and run.second is not None:
-        s_out, s_labels, s_batch, s_kept, _ = _forward(run, run.model, run.second, mine, ())
-        inputs.second_logits, inputs.second_labels = s_out.logits, s_labels
+        s_logits, _, s_labels, s_batch, s_kept = _forward(run, run.model, run.second, mine, ())
+        inputs.second_logits, inputs.second_labels = s_logits, s_labels
         width = s_batch["input_ids"].shape[1]
         inputs.ref_second = batch_values(run.ref_second, mine, width, device, s_kept)
     loss, terms = run.method.loss(inputs, run.params)
@@ -543,28 +651,33 @@ def _forget_pass(run: _Run, idx, n_micro: int, bad: list[str], sync: bool) -> di
         anchor = run.anchor.loss(unwrapped, routed, batch["attention_mask"].bool())
         terms["anchor_loss"] = float(anchor.detach())
         loss = loss + anchor
-    terms = {"loss": float(loss.detach()), **terms}
+    return loss, {"loss": float(loss.detach()), **terms}
+
+
+def _forget_pass(run: _Run, idx, n_micro: int, bad: list[str], sync: bool) -> dict[str, float]:
+    """Forward the forget (and second-answer) batch, backpropagate the method's forget loss."""
+    mine, weight = shard(idx, run.accelerator.process_index, run.accelerator.num_processes)
+    loss, terms = _forget_loss(run, mine)
     if not torch.isfinite(loss.detach()):
         bad.append(f"loss is {float(loss.detach())}")
     _backward(run, loss * (weight / n_micro), sync)
     return terms
 
 
-def _retain_pass(run: _Run, r_idx, n_micro: int, logs: dict, bad: list[str], sync: bool) -> float:
-    """weight * the declared retain term on its own batch, in a backward pass of its own."""
-    rank, world = run.accelerator.process_index, run.accelerator.num_processes
-    mine, share = shard(r_idx, rank, world)
+def _retain_loss(run: _Run, mine: list[int], logs: dict) -> torch.Tensor:
+    """weight * the declared retain term on this process's retain rows (unweighted in `logs`)."""
     term = run.needs.retain
     assert term is not None and run.retain is not None
     layers = run.needs.hidden_layers
-    out, labels, batch, kept, _ = _forward(run, run.model, run.retain, mine, layers)
+    logits, seen, labels, batch, kept = _forward(run, run.model, run.retain, mine, layers)
     inputs = LossInputs(
-        forget_logits=out.logits,
+        forget_logits=logits,
         forget_labels=labels,
-        retain_logits=out.logits,
+        retain_logits=logits,
         retain_labels=labels,
-        retain_hidden=hidden(out, run.needs.hidden_layers) if run.needs.hidden_layers else {},
+        retain_hidden=seen,
         ref_retain_hidden=_ref_hidden(run, batch),
+        state=dict(run.state),
     )
     if term.kind == "kl" and run.ref_model is not None:
         with torch.no_grad(), run.accelerator.autocast():
@@ -572,11 +685,100 @@ def _retain_pass(run: _Run, r_idx, n_micro: int, logs: dict, bad: list[str], syn
             inputs.ref_retain_logits = run.ref_model(**batch, **keep).logits
     value = term.loss(inputs) if term.loss is not None else retain_term(term.kind, inputs)  # type: ignore[arg-type]
     logs["retain_loss"] = float(value.detach())
-    loss = term.weight * value
+    weight = term.weight * (run.state[term.state_weight] if term.state_weight else 1.0)
+    return weight * value
+
+
+def _retain_pass(run: _Run, r_idx, n_micro: int, logs: dict, bad: list[str], sync: bool) -> float:
+    """weight * the declared retain term on its own batch, in a backward pass of its own."""
+    mine, share = shard(r_idx, run.accelerator.process_index, run.accelerator.num_processes)
+    loss = _retain_loss(run, mine, logs)
     if not torch.isfinite(loss.detach()):
         bad.append(f"retain loss is {float(loss.detach())}")
     _backward(run, loss * (share / n_micro), sync)
     return float(loss.detach())
+
+
+def _trainable(run: _Run) -> list[torch.nn.Parameter]:
+    return [p for p in run.model.parameters() if p.requires_grad]
+
+
+def _take_grads(run: _Run) -> list[torch.Tensor | None]:
+    """The accumulated gradients, removed from the parameters (which start from zero again)."""
+    out = []
+    for p in _trainable(run):
+        out.append(p.grad)
+        p.grad = None
+    return out
+
+
+def _dot(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> torch.Tensor:
+    terms = [
+        (x.float() * y.float()).sum()
+        for x, y in zip(a, b, strict=True)
+        if x is not None and y is not None
+    ]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def _project(run: _Run, g_f: list[torch.Tensor | None], always: bool) -> float:
+    """Gradient surgery: p.grad holds the retain gradient g_r; it becomes g_f' + g_r, where g_f'
+    is g_f minus its component along g_r when they conflict (or always). Returns cos(g_f, g_r)."""
+    params = _trainable(run)
+    g_r = [p.grad for p in params]
+    dot, nf, nr = _dot(g_f, g_r), _dot(g_f, g_f), _dot(g_r, g_r)
+    cos = float(dot / (nf.sqrt() * nr.sqrt()).clamp(min=1e-30))
+    coef = float(dot / nr) if float(nr) > 0 and (always or float(dot) < 0) else 0.0
+    with torch.no_grad():
+        for p, f, r in zip(params, g_f, g_r, strict=True):
+            if f is None:
+                continue
+            if r is None:
+                p.grad = f
+                continue
+            p.grad = (f - coef * r + r).to(p.grad.dtype) if coef else f + r
+    return cos
+
+
+def _orthogonal_micro(run: _Run, idx, r_idx, n_micro: int, bad: list[str]) -> dict[str, float]:
+    """UNO on one micro-batch: the gradient of L_f + L_r + w * cos^2(g_f, g_r), where g_f and g_r
+    are the forget and weighted retain gradients, by a double backward through both graphs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = _trainable(run)
+    logs: dict[str, float] = {}
+    with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no second derivative
+        loss_f, terms = _forget_loss(run, list(idx))
+        loss_r = _retain_loss(run, list(r_idx), logs)
+    for name, value in (("loss", loss_f), ("retain loss", loss_r)):
+        if not torch.isfinite(value.detach()):
+            bad.append(f"{name} is {float(value.detach())}")
+    g_f = list(torch.autograd.grad(loss_f, params, create_graph=True, allow_unused=True))
+    g_r = list(torch.autograd.grad(loss_r, params, create_graph=True, allow_unused=True))
+    dot, nf, nr = _dot(g_f, g_r), _dot(g_f, g_f), _dot(g_r, g_r)
+    penalty = dot.pow(2) / (nf * nr + 1e-12)
+    weight = run.needs.orthogonal_weight
+    g_p = (
+        torch.autograd.grad(penalty, params, allow_unused=True) if weight else [None] * len(params)
+    )
+    with torch.no_grad():
+        for p, f, r, q in zip(params, g_f, g_r, g_p, strict=True):
+            parts = [x.detach() for x in (f, r) if x is not None]
+            if q is not None:
+                parts.append(weight * q)
+            if not parts:
+                continue
+            total = torch.stack(parts).sum(0) / n_micro if len(parts) > 1 else parts[0] / n_micro
+            p.grad = total if p.grad is None else p.grad + total
+    cos = float(dot.detach() / (nf.detach().sqrt() * nr.detach().sqrt()).clamp(min=1e-30))
+    total_loss = float(loss_f.detach() + loss_r.detach() + weight * penalty.detach())
+    return {
+        **terms,
+        **logs,
+        "loss": total_loss,
+        "orthogonal_penalty": float(penalty.detach()),
+        "grad_cos": cos,
+    }
 
 
 def _backward(run: _Run, loss: torch.Tensor, sync: bool) -> None:
@@ -628,12 +830,30 @@ def _log_step(run: _Run, completed: int, sums: dict, grad_norm: float, t0: float
     if cfg.max_steps is None:
         logs["epoch"] = round(completed / run.total * max(cfg.epochs, 1), 4)
     logs.update({"lr": run.scheduler.get_last_lr()[0], **sums, "grad_norm": grad_norm})
+    logs.update({f"state.{k}": v for k, v in run.state.items()})
     logs["seconds"] = round(time.time() - t0, 3)
     due = completed % max(cfg.log_every, 1) == 0 or completed == run.total
     if run.accelerator.is_main_process and due:
         with run.log_path.open("a") as fh:
             fh.write(json.dumps(logs) + "\n")
     return logs
+
+
+def _save(run: _Run, completed: int) -> Path:
+    return ckpt_io.save_checkpoint(
+        run.accelerator, run.output, completed, run.fingerprint, run.state or None
+    )
+
+
+def _finalize(run: _Run) -> None:
+    """Replace the trained weights by the method's function of them and the start (task vectors)."""
+    assert run.method.finalize is not None and run.start is not None
+    named = dict(run.accelerator.unwrap_model(run.model).named_parameters())
+    trained = {n: named[n].detach() for n in run.start}
+    new = run.method.finalize(run.start, trained, run.params)
+    with torch.no_grad():
+        for name, weight in new.items():
+            named[name].copy_(weight.to(named[name].device, named[name].dtype))
 
 
 class _Diverged(Exception):

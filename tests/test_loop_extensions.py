@@ -1,0 +1,308 @@
+"""The loop's declarations beyond logits: block hidden states that stop the forward pass, a
+truncated frozen reference, gradient surgery and UNO's double backward against hand autograd,
+method state across checkpoints, finalize, and the reinforced model."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import unlearn.train.loop as loop
+from unlearn import losses
+from unlearn.config import PromptConfig, TrainConfig
+from unlearn.data import Example
+from unlearn.errors import UnlearnError
+from unlearn.methods.base import Method, Needs, Reinforce, RetainTerm
+from unlearn.prompts import PromptFormatter, collate, tokenize_examples
+from unlearn.train import hidden
+
+
+class _P:
+    pass
+
+
+def _tiny(tiny_model_dir, n: int = 4):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    examples = [Example(str(i), "h", question=f"Q{i}?", answer=f"A{i} b{i}.") for i in range(n)]
+    return model, tok, tokenize_examples(examples, PromptFormatter(tok, PromptConfig()))
+
+
+def _train(model, tok, items, method, out, **kw):
+    settings = {"batch_size": 2, "max_steps": 2, "progress": False, "lr": 1e-2, **kw.pop("cfg", {})}
+    cfg = TrainConfig(**settings)
+    return loop.train(model, method, _P(), items, cfg, out, tok.pad_token_id, **kw)
+
+
+def _ga(inputs, params):
+    loss = -losses.nll(inputs.forget_logits, inputs.forget_labels)
+    return loss, {"forget_loss": float(loss.detach())}
+
+
+def test_block_hidden_states_stop_the_forward_and_the_reference_is_truncated(
+    tiny_model_dir, tmp_path
+):
+    model, tok, items = _tiny(tiny_model_dir)
+    calls = {"head": 0}
+    model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+
+    def loss(inputs, params):
+        assert inputs.forget_logits is None
+        h, ref = inputs.forget_hidden[0], inputs.ref_forget_hidden[0]
+        assert h.shape == (*inputs.forget_labels.shape, 32) and not ref.requires_grad
+        seen.append(torch.allclose(h, ref, atol=1e-6))
+        return (h - 1.0).pow(2).mean(), {}
+
+    needs = Needs(hidden_layers=(0,), reference_hidden_layers=(0,), logits=False)
+    _train(model, tok, items, Method("h", "t", _P, loss, "-", needs=lambda p: needs), tmp_path)
+    assert calls["head"] == 0  # never ran past block 0
+    assert seen[0] and not seen[-1]  # frozen reference, moving model
+    after = dict(model.named_parameters())
+    assert torch.equal(
+        after["model.layers.1.mlp.down_proj.weight"], start["model.layers.1.mlp.down_proj.weight"]
+    )
+    assert not torch.equal(
+        after["model.layers.0.mlp.down_proj.weight"], start["model.layers.0.mlp.down_proj.weight"]
+    )
+
+
+def test_truncated_copy_matches_the_full_model_and_drops_later_blocks(tiny_model_dir):
+    model, tok, items = _tiny(tiny_model_dir)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie
+    ref = hidden.truncated_copy(model, 0)
+    assert isinstance(hidden.decoder_blocks(ref)[1], torch.nn.Identity)
+    assert isinstance(ref.lm_head, torch.nn.Identity)
+    assert isinstance(hidden.decoder_blocks(model)[1], type(hidden.decoder_blocks(model)[0]))
+    batch = collate(items[:2], tok.pad_token_id)
+    batch.pop("labels")
+    with torch.no_grad():
+        full = model(**batch, output_hidden_states=True).hidden_states[1]
+        _, got = hidden.run(ref, batch, (0,), stop=True)
+    assert torch.allclose(got[0], full, atol=1e-6)
+
+
+def test_a_block_past_the_depth_is_one_line(tiny_model_dir, tmp_path):
+    model, tok, items = _tiny(tiny_model_dir)
+    needs = Needs(hidden_layers=(5,), logits=False)
+    method = Method(
+        "deep", "t", _P, lambda i, p: (i.forget_hidden[5].sum(), {}), "-", needs=lambda p: needs
+    )
+    with pytest.raises(
+        UnlearnError,
+        match=r"block 5 is past the model's 2 decoder blocks; choose a block between 0 and 1",
+    ):
+        _train(model, tok, items, method, tmp_path)
+
+
+def _grads_by_hand(model, tok, forget, retain, weight):
+    """g_f, g_r by plain autograd on whole batches, as flat lists over trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fb, rb = collate(forget, tok.pad_token_id), collate(retain, tok.pad_token_id)
+    fl, rl = fb.pop("labels"), rb.pop("labels")
+    with sdpa_kernel([SDPBackend.MATH]):  # twice differentiable
+        loss_f = -losses.nll(model(**fb).logits, fl)
+        loss_r = weight * losses.nll(model(**rb).logits, rl)
+    g_f = torch.autograd.grad(loss_f, params, create_graph=True)
+    g_r = torch.autograd.grad(loss_r, params, create_graph=True)
+    return params, g_f, g_r
+
+
+def _capture_step_grads(monkeypatch):
+    grads = []
+    original = loop._apply
+
+    def spy(run):
+        grads.append([p.grad.detach().clone() for p in loop._trainable(run)])
+        original(run)
+
+    monkeypatch.setattr(loop, "_apply", spy)
+    return grads
+
+
+@pytest.mark.parametrize("mode", ["project", "orthogonal"])
+def test_gradient_surgery_and_uno_match_hand_autograd(mode, tiny_model_dir, tmp_path, monkeypatch):
+    model, tok, items = _tiny(tiny_model_dir, 4)
+    forget, retain = items[:2], items[2:]
+    params, g_f, g_r = _grads_by_hand(model, tok, forget, retain, 0.5)
+    dot = sum((a * b).sum() for a, b in zip(g_f, g_r, strict=True))
+    nf = sum(a.pow(2).sum() for a in g_f)
+    nr = sum(b.pow(2).sum() for b in g_r)
+    if mode == "project":
+        coef = float(dot.detach() / nr.detach()) if float(dot.detach()) < 0 else 0.0
+        expected = [(a - coef * b + b).detach() for a, b in zip(g_f, g_r, strict=True)]
+        needs = Needs(retain=RetainTerm(weight=0.5), gradients="project", project_always=False)
+    else:
+        penalty = dot.pow(2) / (nf * nr + 1e-12)
+        g_p = torch.autograd.grad(penalty, params)
+        expected = [(a + b + 3.0 * c).detach() for a, b, c in zip(g_f, g_r, g_p, strict=True)]
+        needs = Needs(retain=RetainTerm(weight=0.5), gradients=mode, orthogonal_weight=3.0)
+    grads = _capture_step_grads(monkeypatch)
+    method = Method(mode, "t", _P, _ga, "-", needs=lambda p: needs)
+    res = _train(
+        model,
+        tok,
+        forget,
+        method,
+        tmp_path,
+        retain=retain,
+        cfg={"max_steps": 1, "max_grad_norm": 0.0},
+    )
+    for got, want in zip(grads[0], expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    cos = float((dot / (nf.sqrt() * nr.sqrt())).detach())
+    assert res.final_logs["grad_cos"] == pytest.approx(cos, abs=1e-5)
+    if mode == "project":  # the hand case conflicts, so the projection did something
+        assert cos < 0
+
+
+def test_project_without_conflict_keeps_the_sum():
+    lin = torch.nn.Linear(2, 1, bias=False)
+    run = SimpleNamespace(model=lin)
+    g_f = [torch.tensor([[1.0, 0.0]])]
+    lin.weight.grad = torch.tensor([[1.0, 1.0]])  # g_r, dot > 0
+    loop._project(run, g_f, always=False)
+    assert torch.equal(lin.weight.grad, torch.tensor([[2.0, 1.0]]))
+    lin.weight.grad = torch.tensor([[1.0, 1.0]])
+    loop._project(run, g_f, always=True)  # (g_f - (1/2) g_r) + g_r = [0.5, -0.5] + [1, 1]
+    assert torch.allclose(lin.weight.grad, torch.tensor([[1.5, 0.5]]))
+
+
+def test_gradient_modes_need_a_retain_term(tiny_model_dir, tmp_path):
+    model, tok, items = _tiny(tiny_model_dir)
+    method = Method("p", "t", _P, _ga, "-", needs=lambda p: Needs(gradients="project"))
+    with pytest.raises(UnlearnError, match="needs a retain term"):
+        _train(model, tok, items, method, tmp_path)
+
+
+def _counting(calls):
+    def update(state, info, params):
+        calls.append(info)
+        return {"total": state["total"] + info.logs["retain_loss"], "n": state["n"] + 1}
+
+    return Method(
+        "stateful", "t", _P,
+        lambda i, p: (-losses.nll(i.forget_logits, i.forget_labels) * (1 + i.state["n"]), {}),
+        "-",
+        needs=lambda p: Needs(retain=RetainTerm(weight=1.0, state_weight="n")),
+        init_state=lambda p: {"total": 0.0, "n": 1.0},
+        update_state=update,
+    )  # fmt: skip
+
+
+def test_method_state_is_logged_checkpointed_and_resumed(tiny_model_dir, tmp_path):
+    model, tok, items = _tiny(tiny_model_dir, 6)
+    calls = []
+    res = _train(
+        model,
+        tok,
+        items[:4],
+        _counting(calls),
+        tmp_path / "a",
+        retain=items[4:],
+        cfg={"max_steps": 3},
+    )
+    logs = [
+        json.loads(x) for x in (tmp_path / "a" / "logs" / "train.jsonl").read_text().splitlines()
+    ]
+    assert [r["state.n"] for r in logs] == [2.0, 3.0, 4.0]
+    assert logs[-1]["state.total"] == pytest.approx(sum(r["retain_loss"] for r in logs))
+    assert [c.step for c in calls] == [1, 2, 3] and calls[0].total == 3
+    # interrupted after step 2, resumed: the same weights and state as the uninterrupted run
+    model_b, _, _ = _tiny(tiny_model_dir, 6)
+
+    def stop(step, logs):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(UnlearnError, match="interrupted"):
+        _train(
+            model_b,
+            tok,
+            items[:4],
+            _counting([]),
+            tmp_path / "b",
+            retain=items[4:],
+            cfg={"max_steps": 3},
+            callbacks=[stop],
+        )
+    progress = json.loads(
+        next((tmp_path / "b" / "checkpoints").glob("step-2/progress.json")).read_text()
+    )
+    assert progress["method_state"]["n"] == 3.0
+    model_c, _, _ = _tiny(tiny_model_dir, 6)
+    res_c = _train(
+        model_c,
+        tok,
+        items[:4],
+        _counting([]),
+        tmp_path / "b",
+        retain=items[4:],
+        cfg={"max_steps": 3},
+        resume=True,
+    )
+    assert res_c.final_logs["state.n"] == 4.0
+    assert res_c.final_logs["state.total"] == pytest.approx(res.final_logs["state.total"], rel=1e-5)
+    for (n, p), q in zip(model.named_parameters(), model_c.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_finalize_gets_the_start_and_the_trained_weights(tiny_model_dir, tmp_path):
+    model, tok, items = _tiny(tiny_model_dir)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = {}
+
+    def finalize(s, t, params):
+        trained.update({n: w.clone() for n, w in t.items()})
+        assert all(torch.equal(s[n], start[n]) for n in start)
+        return {n: 2 * s[n] - t[n] for n in s}  # alpha = 1 negation
+
+    method = Method(
+        "tv",
+        "t",
+        _P,
+        lambda i, p: (losses.nll(i.forget_logits, i.forget_labels), {}),
+        "-",
+        finalize=finalize,
+    )
+    _train(model, tok, items, method, tmp_path)
+    for n, p in model.named_parameters():
+        assert not torch.equal(trained[n], start[n]), n
+        assert torch.allclose(p, 2 * start[n] - trained[n], atol=1e-6), n
+
+
+def test_reinforced_logits_come_from_a_copy_trained_on_the_forget_data(tiny_model_dir, tmp_path):
+    model, tok, items = _tiny(tiny_model_dir)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+
+    def loss(inputs, params):
+        ref, reinforced = inputs.ref_forget["logits"], inputs.ref_forget["reinforced_logits"]
+        assert ref.shape == reinforced.shape == inputs.forget_logits.shape
+        labels = inputs.forget_labels
+        seen.append((losses.nll(ref, labels), losses.nll(reinforced, labels)))
+        return -losses.nll(inputs.forget_logits, labels), {}
+
+    needs = Needs(reference=("logits", "reinforced_logits"), reinforce=Reinforce(steps=3, lr=1e-2))
+    _train(
+        model,
+        tok,
+        items,
+        Method("r", "t", _P, loss, "-", needs=lambda p: needs),
+        tmp_path,
+        cfg={"max_steps": 1},
+    )
+    base, reinforced = seen[0]
+    assert reinforced < base  # the copy learned the forget answers
+    log = (tmp_path / "logs" / "reinforce" / "logs" / "train.jsonl").read_text().splitlines()
+    assert len(log) == 3
+    # the copy was trained, not the model: after one ascent step it differs from the start only
+    # by that step, and its reference logits came from the start
+    assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters())
