@@ -276,6 +276,10 @@ def _forget_nll_after_step(name: str, **overrides) -> tuple[float, float]:
         inputs.ref_forget_logp = losses.sequence_logprob(logits.detach(), labels)[0]
     if "logits" in method.needs(method.params()).reference:  # UNDIAL: the starting model's logits
         inputs.ref_forget = {"logits": logits.detach().clone()}
+    if "reinforced_logits" in method.needs(method.params()).reference:  # WHP: a reinforced gain
+        gain = torch.zeros_like(logits)
+        gain[:, :-1].scatter_(-1, labels[:, 1:].clamp(min=0)[..., None], 5.0)
+        inputs.ref_forget["reinforced_logits"] = logits.detach() + gain
     if method.needs(method.params()).second_target:  # DPO: a preferred answer, its own logits
         inputs.second_logits = torch.nn.Parameter(torch.randn(2, 4, 5))
         inputs.second_labels = torch.tensor([[-100, 0, 0, 1], [-100, -100, 3, 3]])
@@ -292,14 +296,14 @@ def _forget_nll_after_step(name: str, **overrides) -> tuple[float, float]:
 @pytest.mark.parametrize(
     "name",
     ["grad_ascent", "grad_diff", "npo", "simnpo", "undial", "ce_u", "wga", "satimp", "dpo",
-     "idk_dpo"],
+     "idk_dpo", "whp", "uno", "uno_s"],
 )  # fmt: skip
 def test_unlearning_step_increases_forget_nll(name: str) -> None:
     before, after = _forget_nll_after_step(name)
     assert after > before
 
 
-@pytest.mark.parametrize("name", ["finetune", "idk_nll"])
+@pytest.mark.parametrize("name", ["finetune", "idk_nll", "task_vector"])
 def test_learning_step_decreases_forget_nll(name: str) -> None:
     before, after = _forget_nll_after_step(name)
     assert after < before
@@ -318,6 +322,12 @@ def test_registry_lists_every_method_once() -> None:
         "ce_u",
         "wga",
         "satimp",
+        "rmu",
+        "pdu",
+        "uno",
+        "uno_s",
+        "whp",
+        "task_vector",
         "idk_nll",
         "dpo",
         "idk_dpo",
@@ -338,7 +348,14 @@ def test_every_method_runs_on_full_inputs() -> None:
         inputs.ref_retain_logits = inputs.retain_logits.clone()
         inputs.second_logits, inputs.second_labels = seqs("C", "A")
         inputs.ref_second = {"sequence_logp": torch.tensor([-3.0, -2.0])}
-        inputs.ref_forget = {"logits": inputs.forget_logits.detach().clone()}
+        inputs.ref_forget = {
+            "logits": inputs.forget_logits.detach().clone(),
+            "reinforced_logits": inputs.forget_logits.detach().clone(),
+        }
+        for layer in method.needs(method.params()).hidden_layers:  # RMU: one block's outputs
+            inputs.forget_hidden[layer] = torch.randn(*inputs.forget_labels.shape, 8)
+            inputs.retain_hidden[layer] = torch.randn(*inputs.retain_labels.shape, 8)
+            inputs.ref_retain_hidden[layer] = torch.randn(*inputs.retain_labels.shape, 8)
         loss, logs = method.loss(inputs, method.params())
         assert loss.dim() == 0 and torch.isfinite(loss)
         assert all(isinstance(v, float) for v in logs.values())

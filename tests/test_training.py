@@ -64,11 +64,16 @@ DIRECTION = {
     "ce_u": +1,
     "wga": +1,
     "satimp": +1,
+    "pdu": +1,
+    "uno": +1,
+    "uno_s": +1,
+    "whp": +1,
+    "task_vector": +1,
     "finetune": -1,
 }
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"rmu"}))  # rmu: tests/test_rmu.py
 def test_two_steps_change_every_parameter_and_move_forget_loss(
     name, target_dir, qa_files, tmp_path
 ):
@@ -86,6 +91,11 @@ def test_two_steps_change_every_parameter_and_move_forget_loss(
         if name in ("grad_diff", "npo", "simnpo", "idk_nll", "dpo", "idk_dpo", "wga", "satimp")
         else []
     )
+    extra += {
+        "pdu": ["method.dual_init=0"],  # the retain term alone would hide the forget term's move
+        # a tiny model only half-memorises its answers: reinforce hard so labels become generic
+        "whp": ["method.reinforce_steps=6", "method.reinforce_lr=1e-2", "method.alpha=20"],
+    }.get(name, [])
     res = unlearn.forget(
         str(target_dir),
         str(forget),

@@ -78,7 +78,8 @@ class Needs:
     hidden_layers: decoder blocks (0-based) whose output hidden states the loss reads, [B, T, H]
         over the full sequence (what a forward hook on block i sees).
     reference_hidden_layers: the same from a frozen copy of the starting model that holds only the
-        embeddings and the blocks up to the deepest one named, on the forget and the retain batch.
+        embeddings and the blocks up to the deepest one named, on the batches named in
+        `reference_hidden_on` ("forget", "retain").
     logits: False when the loss reads hidden states only: the model then runs only up to the
         deepest block in `hidden_layers` and the logits in LossInputs are None.
     gradients: "sum" (the usual), "project" (gradient surgery: when the forget gradient g_f and
@@ -94,6 +95,7 @@ class Needs:
     second_target: bool = False
     hidden_layers: tuple[int, ...] = ()
     reference_hidden_layers: tuple[int, ...] = ()
+    reference_hidden_on: tuple[str, ...] = ("forget", "retain")
     logits: bool = True
     gradients: str = "sum"
     orthogonal_weight: float = 0.0

@@ -533,9 +533,20 @@ def _one_step(run: _Run, step: int) -> tuple[dict[str, float], float]:
     grad_norm = _finish_gradients(run, step, bad)
     _apply(run)
     if run.method.update_state is not None:
-        info = StepInfo(step=step + 1, total=run.total, logs=dict(sums))
+        info = StepInfo(step=step + 1, total=run.total, logs=_mean_over_processes(run, sums))
         run.state = dict(run.method.update_state(dict(run.state), info, run.params))
     return sums, grad_norm
+
+
+def _mean_over_processes(run: _Run, sums: dict[str, float]) -> dict[str, float]:
+    """Each process's loss terms are of its own shard; a state rule (a dual variable) must see
+    the global batch's, or the processes' states drift apart."""
+    if run.accelerator.num_processes == 1 or not sums:
+        return dict(sums)
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys], device=run.accelerator.device)
+    values = run.accelerator.reduce(values, reduction="mean")
+    return dict(zip(keys, values.tolist(), strict=True))
 
 
 def _add(sums: dict[str, float], terms: dict[str, float], n_micro: int) -> None:
@@ -609,10 +620,10 @@ def _prefix_forward(model, batch: dict[str, torch.Tensor], n: int, flag: dict[st
     )
 
 
-def _ref_hidden(run: _Run, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+def _ref_hidden(run: _Run, batch: dict[str, torch.Tensor], which: str) -> dict[int, torch.Tensor]:
     """The frozen starting model's block outputs (its truncated copy, stopped at the last one)."""
     layers = run.needs.reference_hidden_layers
-    if not layers or run.ref_hidden is None:
+    if not layers or run.ref_hidden is None or which not in run.needs.reference_hidden_on:
         return {}
     with torch.no_grad(), run.accelerator.autocast():
         return hidden_io.run(run.ref_hidden, batch, layers, stop=True)[1]
@@ -638,7 +649,7 @@ def _forget_loss(run: _Run, mine: list[int]) -> tuple[torch.Tensor, dict[str, fl
         ref_forget=ref,
         ref_forget_logp=ref.get("sequence_logp"),
         forget_hidden=seen,
-        ref_forget_hidden=_ref_hidden(run, batch),
+        ref_forget_hidden=_ref_hidden(run, batch, "forget"),
         state=dict(run.state),
     )
     if needs.second_target and run.second is not None:
@@ -676,7 +687,7 @@ def _retain_loss(run: _Run, mine: list[int], logs: dict) -> torch.Tensor:
         retain_logits=logits,
         retain_labels=labels,
         retain_hidden=seen,
-        ref_retain_hidden=_ref_hidden(run, batch),
+        ref_retain_hidden=_ref_hidden(run, batch, "retain"),
         state=dict(run.state),
     )
     if term.kind == "kl" and run.ref_model is not None:
