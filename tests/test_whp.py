@@ -202,11 +202,37 @@ def test_invalid_hyperparameters_are_one_line(registered, overrides, field):
     assert "\n" not in msg and field in msg and "whp" in msg
 
 
-def test_anchors_are_refused_until_supported(registered, tmp_path):
+def test_loss_applies_anchored_terms(tmp_path):
+    tok = build_tokenizer()
     path = tmp_path / "terms.json"
-    path.write_text(json.dumps({"Hogwarts": "Mystic Academy"}))
-    with pytest.raises(UnlearnError, match="not supported yet"):
-        build_params("whp", {"anchors": str(path)})
+    path.write_text(json.dumps({"Maren Hollister": ["Alice Bob", "Tom"]}))
+    params = WHPParams(alpha=1.0, anchors=str(path))
+    amap = METHOD.prepare(params, tok)
+    ids = tok(" Maren Hollister was born", add_special_tokens=False)["input_ids"]
+    labels = torch.tensor([[-100, -100, *ids]])
+    gen = torch.Generator().manual_seed(4)
+    logits, base, reinf = (torch.randn(1, labels.shape[1], len(tok), generator=gen) for _ in "abc")
+    ref = {"logits": base, "reinforced_logits": reinf}
+    loss, logs = whp_loss(LossInputs(logits, labels, ref_forget=ref, prepared=amap), params)
+    over = anchor_overrides(labels, amap)
+    expected, _ = whp_forget_term(logits, base, reinf, labels, 1.0, over)
+    assert float(loss) == pytest.approx(float(expected)) and logs["anchored"] == 1
+    plain, _ = whp_forget_term(logits, base, reinf, labels, 1.0)
+    assert float(plain) != pytest.approx(float(expected))  # the override changed a label
+    with pytest.raises(ValueError, match="anchored terms"):
+        whp_loss(LossInputs(logits, labels, ref_forget=ref), params)
+
+
+def test_training_with_anchors(registered, target_dir, qa_files, tmp_path, one_torch_thread):
+    forget, _ = qa_files
+    path = tmp_path / "terms.json"
+    path.write_text(json.dumps({"city": "town"}))
+    res = unlearn.forget(
+        str(target_dir), str(forget), None, "whp", str(tmp_path / "out"),
+        overrides=[*FAST, "train.max_steps=2", "method.reinforce_steps=1", f"method.anchors={path}",
+                   "train.nll_check=false"],
+    )  # fmt: skip
+    assert res.metrics["final_losses"]["anchored"] == 2  # one "city" per answer, 2 per batch
 
 
 def test_needs_declare_reinforcement():

@@ -136,6 +136,7 @@ class LossInputs:
     second_logits / second_labels / ref_second: the same for the second answer (DPO-style methods).
     forget_hidden / retain_hidden / ref_forget_hidden / ref_retain_hidden: {layer: [B, T, H]}.
     state: the method's state before this step (`Method.init_state`), read-only.
+    prepared: what `Method.prepare` returned (the same object for every batch), or None.
     defer_retain: set by the training loop, which backpropagates the retain term in a pass of its
         own so that the forget and retain batches' activations are never in memory together; the
         method's loss then returns only its forget part (see `retain.weighted_retain`).
@@ -157,6 +158,7 @@ class LossInputs:
     ref_forget_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     ref_retain_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     state: dict[str, float] = field(default_factory=dict)
+    prepared: Any = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,7 @@ LossFn = Callable[[LossInputs, Any], "tuple[torch.Tensor, dict[str, float]]"]
 TargetsFn = Callable[[Sequence[Any], Any, int], "list[str]"]
 MaskFn = Callable[[torch.nn.Module, Any], "dict[str, torch.Tensor]"]
 StateFn = Callable[[Any], "dict[str, float]"]
+PrepareFn = Callable[[Any, Any], Any]
 UpdateFn = Callable[["dict[str, float]", StepInfo, Any], "dict[str, float]"]
 FinalizeFn = Callable[
     ["dict[str, torch.Tensor]", "dict[str, torch.Tensor]", Any], "dict[str, torch.Tensor]"
@@ -204,6 +207,8 @@ class Method:
     update_state: (state, StepInfo, params) -> new state, after every optimizer step.
     finalize: (start weights {name: CPU tensor}, trained weights, params) -> {name: new weight},
         applied after the last step; the loop keeps a CPU copy of the start only for such methods.
+    prepare: (params, tokenizer) -> a value the loss reads as `LossInputs.prepared`, computed
+        once before training (WHP's anchored terms as token ids).
     """
 
     name: str
@@ -218,6 +223,7 @@ class Method:
     init_state: StateFn | None = None
     update_state: UpdateFn | None = None
     finalize: FinalizeFn | None = None
+    prepare: PrepareFn | None = None
 
     def needs_retain(self, params: Any) -> bool:
         """Whether the loop must forward a retain batch (a declared retain term, weight != 0)."""

@@ -61,10 +61,6 @@ class WHPParams:
             raise ValueError(f"reinforce_lr must be a finite number > 0, got {self.reinforce_lr}")
         if self.anchors is not None:
             load_anchors(self.anchors)  # a missing or malformed file fails here, in one line
-            raise ValueError(
-                "anchors are not supported yet: the training loop does not give methods the "
-                "tokenizer they need to find the terms; leave anchors unset"
-            )
 
 
 # ---------------------------------------------------------------------------- generic labels
@@ -116,7 +112,14 @@ def whp_loss(inputs: LossInputs, params: WHPParams) -> tuple[torch.Tensor, dict[
             "(declared in Needs.reference)"
         )
     labels = inputs.forget_labels
-    forget, target = whp_forget_term(logits, ref_logits, reinforced, labels, params.alpha)
+    overrides = None
+    if params.anchors is not None:
+        if not isinstance(inputs.prepared, AnchorMap):
+            raise ValueError("WHP with anchors needs the anchored terms (Method.prepare)")
+        overrides = anchor_overrides(labels, inputs.prepared)
+    forget, target = whp_forget_term(
+        logits, ref_logits, reinforced, labels, params.alpha, overrides
+    )
     original = labels[:, 1:][labels[:, 1:] != losses.IGNORE_INDEX]
     logs = {
         "forget_loss": float(forget.detach()),
@@ -125,6 +128,8 @@ def whp_loss(inputs: LossInputs, params: WHPParams) -> tuple[torch.Tensor, dict[
         # the run fine-tunes on the forget answers (reinforce more: steps, lr, or raise alpha)
         "label_changed": float((target != original).float().mean()) if len(original) else 0.0,
     }
+    if overrides is not None:  # answer tokens whose label an anchored term set
+        logs["anchored"] = float((overrides != losses.IGNORE_INDEX).sum())
     return forget, logs
 
 
@@ -206,6 +211,13 @@ def anchor_overrides(labels: torch.Tensor, anchors: AnchorMap) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long, device=labels.device).view(len(rows), width)
 
 
+def whp_prepare(params: WHPParams, tokenizer) -> AnchorMap | None:
+    """The anchored terms as token ids, once per run (None without `anchors`)."""
+    if params.anchors is None:
+        return None
+    return build_anchor_map(load_anchors(params.anchors), tokenizer)
+
+
 METHOD = Method(
     name="whp",
     summary="fine-tune on generic labels: start logits minus alpha times a reinforced model's gain",
@@ -215,6 +227,7 @@ METHOD = Method(
         reference=("logits", "reinforced_logits"),
         reinforce=Reinforce(steps=p.reinforce_steps, lr=p.reinforce_lr),
     ),
+    prepare=whp_prepare,
     citation=(
         "Eldan & Russinovich 2023, Who's Harry Potter? Approximate Unlearning in LLMs, "
         "arXiv:2310.02238; anchored terms simplified to token-level label overrides"

@@ -115,6 +115,7 @@ class _Run:
     output: Path
     log_path: Path
     anchor: Any = None  # UOE's router anchor (unlearn.localization.uoe.Anchor), or None
+    prepared: Any = None  # what `Method.prepare` returned, handed to every loss call
     ref_hidden: torch.nn.Module | None = None  # the starting model's first blocks (`hidden`)
     state: dict[str, float] = field(default_factory=dict)  # the method's (`Method.init_state`)
     start: dict[str, torch.Tensor] | None = None  # start weights on the CPU, for `finalize`
@@ -141,6 +142,7 @@ def train(
     second: list[Tokenized] | None = None,
     mask: dict[str, torch.Tensor] | None = None,
     anchor: Any = None,
+    prepared: Any = None,
 ) -> TrainResult:
     """Run `method` on `model` in place (the caller passes a model it owns, never the input's files).
 
@@ -152,7 +154,9 @@ def train(
     state) on a NaN/inf loss or gradient, and UnlearnError (after checkpointing) on Ctrl-C.
     """
     t0 = time.time()
-    run = _setup(model, method, params, forget, cfg, output, pad_id, retain, second, mask, anchor)
+    run = _setup(
+        model, method, params, forget, cfg, output, pad_id, retain, second, mask, anchor, prepared
+    )
     start, resumed_from, history = _restore(run, resume)
     bar = tqdm(
         total=run.total,
@@ -220,6 +224,7 @@ def _setup(
     second: list[Tokenized] | None,
     mask: dict[str, torch.Tensor] | None = None,
     anchor: Any = None,
+    prepared: Any = None,
 ) -> _Run:
     """Check the method's declared needs against the data, then build optimizer and references."""
     from accelerate import Accelerator
@@ -291,6 +296,7 @@ def _setup(
         share_prefix=anchor is None and _can_share_prefix(accelerator, model),
         reference_seconds=reference_seconds,
         anchor=anchor,
+        prepared=prepared,
         ref_hidden=ref_hidden,
         state=dict(method.init_state(params)) if method.init_state is not None else {},
         start=start,
@@ -651,6 +657,7 @@ def _forget_loss(run: _Run, mine: list[int]) -> tuple[torch.Tensor, dict[str, fl
         forget_hidden=seen,
         ref_forget_hidden=_ref_hidden(run, batch, "forget"),
         state=dict(run.state),
+        prepared=run.prepared,
     )
     if needs.second_target and run.second is not None:
         s_logits, _, s_labels, s_batch, s_kept = _forward(run, run.model, run.second, mine, ())

@@ -271,6 +271,7 @@ def execute(
         second=second_items,
         mask=localization.train_mask if localization else None,
         anchor=localization.anchor if localization else None,
+        prepared=method.prepare(plan.params, tokenizer) if method.prepare else None,
     )
     clock.lap("train")
     after: dict[str, float] = {}
