@@ -6,7 +6,7 @@ The forget answers are replaced by refusal sentences before batching (the `forge
 `refusal_targets` below, picks them with `unlearn.refusals.pick_refusal`), so the forget term is
 ordinary NLL.
 This is TOFU's "IDK" baseline (Maini et al. 2024, arXiv:2401.06121), there with both terms weighted
-equally and an NLL retain term; OpenUnlearning calls it IdkNLL. Unlike gradient ascent it has a
+equally and an NLL retain term (the "idk" loss of TOFU's code). Unlike gradient ascent it has a
 well-defined optimum, so it cannot collapse the model, but the knowledge may only be masked.
 """
 
@@ -67,7 +67,7 @@ METHOD = Method(
     summary="fine-tune forget questions towards refusal answers, plus a retain term",
     params=IdkNLLParams,
     loss=idk_nll_loss,
-    citation="Maini et al. 2024, TOFU, arXiv:2401.06121 (IDK baseline); OpenUnlearning IdkNLL",
+    citation='Maini et al. 2024, TOFU, arXiv:2401.06121 (IDK baseline, the "idk" loss of its code)',
     needs=lambda p: Needs(retain=retain_spec(p.retain_loss, p.alpha)),
     forget_targets=refusal_targets,
 )
