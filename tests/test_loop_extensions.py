@@ -306,3 +306,32 @@ def test_reinforced_logits_come_from_a_copy_trained_on_the_forget_data(tiny_mode
     # the copy was trained, not the model: after one ascent step it differs from the start only
     # by that step, and its reference logits came from the start
     assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters())
+
+
+def test_cached_logits_start_at_the_answer_and_line_up_with_the_batch(tiny_model_dir):
+    """Logits are stored from the position before each item's first answer token (prompt positions
+    predict nothing scored), and put back at their places in a batch of unequal prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unlearn.train.reference import batch_values, kept_positions, reference_values
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    examples = [
+        Example("0", "h", question="Q?", answer="A b."),
+        Example("1", "h", question="A much longer question here?", answer="Some answer x."),
+    ]
+    items = tokenize_examples(examples, PromptFormatter(tok, PromptConfig()))
+    values = reference_values(model, items, tok.pad_token_id, ("logits",))
+    for item, stored, start in zip(items, values["logits"], values["logits:start"], strict=True):
+        first = next(i for i, y in enumerate(item.labels) if y != -100)
+        assert int(start) == first - 1 and stored.shape[0] == len(item.input_ids) - first + 1
+    batch = collate(items, tok.pad_token_id)
+    labels = batch.pop("labels")
+    kept = kept_positions(labels)
+    with torch.no_grad():
+        logits = model(**batch).logits[:, -kept:]
+    got = batch_values(values, [0, 1], labels.shape[1], torch.device("cpu"), kept)["logits"]
+    scored = labels[:, -kept:][:, 1:] != -100  # positions t predicting a scored token t+1
+    assert got.shape == logits.shape and scored.sum() > 0
+    assert torch.allclose(got[:, :-1][scored], logits[:, :-1][scored], atol=1e-5)

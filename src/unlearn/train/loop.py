@@ -275,7 +275,8 @@ def _setup(
     ref_forget = reference_values(unwrapped, forget, pad_id, kinds, batch)
     ref_second = reference_values(unwrapped, second or [], pad_id, kinds, batch)
     if reinforced is not None:
-        ref_forget["reinforced_logits"] = reinforced
+        ref_forget["reinforced_logits"] = reinforced["logits"]
+        ref_forget["reinforced_logits:start"] = reinforced["logits:start"]
     reference_seconds = time.time() - t_ref
     data = {
         "forget": ckpt_io.items_hash(forget),
@@ -323,7 +324,7 @@ def _reinforced_logits(
     cfg: TrainConfig,
     output: Path,
     pad_id: int,
-) -> list[torch.Tensor] | None:
+) -> dict[str, list[torch.Tensor]] | None:
     """WHP's reinforced model: a copy of the start fine-tuned on the forget data with plain NLL,
     run through this same loop (its log in OUT/logs/reinforce/), its forget logits cached, freed."""
     spec = needs.reinforce
@@ -342,7 +343,7 @@ def _reinforced_logits(
     )
     values = reference_values(reinforced, forget, pad_id, ("logits",), max(cfg.batch_size, 8))
     del reinforced
-    return values["logits"]
+    return values
 
 
 def _can_share_prefix(accelerator, model) -> bool:

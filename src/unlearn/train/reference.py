@@ -17,6 +17,8 @@ import torch
 from unlearn.losses import IGNORE_INDEX, token_logprobs
 from unlearn.prompts import Tokenized, collate
 
+LOGITS_START = "logits:start"
+
 
 @torch.no_grad()
 def reference_values(
@@ -29,11 +31,16 @@ def reference_values(
     """{kind: one CPU tensor per item} under the model as it is now, in a single pass.
 
     sequence_logp: log pi(y|x) summed over answer tokens (a scalar per item); token_logp: the
-    per-token log-probs of `losses.token_logprobs` ([T-1], 0 off the answer); logits: [T, V].
+    per-token log-probs of `losses.token_logprobs` ([T-1], 0 off the answer); logits: [T', V] from
+    the position before the first answer token on, with that position under "logits:start"
+    (positions before it predict no answer token, and a 50k vocabulary makes every kept position
+    cost 200 KB).
     """
     out: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
     if not kinds:
         return out
+    if "logits" in kinds:
+        out[LOGITS_START] = []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -56,7 +63,10 @@ def reference_values(
             if "token_logp" in kinds:
                 out["token_logp"].append(logp[row, : n - 1].float().cpu())
             if "logits" in kinds:
-                out["logits"].append(logits[row, :n].float().cpu())
+                first = (labels[row, :n] != IGNORE_INDEX).nonzero()
+                start = max(int(first[0]) - 1, 0) if len(first) else n
+                out["logits"].append(logits[row, start:n].float().cpu())
+                out[LOGITS_START].append(torch.tensor(start))
     model.train(was_training)
     return out
 
@@ -94,16 +104,25 @@ def batch_values(
     cut to the last `kept` positions when the batch's logits were (see `loop._forward`)."""
     out: dict[str, torch.Tensor] = {}
     for kind, per_item in values.items():
+        if kind.endswith(":start"):
+            continue
         rows = [per_item[i] for i in idx]
         if kind == "sequence_logp":
             out[kind] = torch.stack(rows).to(device)
             continue
-        size = width - 1 if kind == "token_logp" else width
-        padded = rows[0].new_zeros((len(rows), size, *rows[0].shape[1:]))
-        for r, value in enumerate(rows):
-            padded[r, : value.shape[0]] = value
-        if kept is not None:  # token_logp has one entry fewer than positions: cut one fewer
-            padded = padded[:, -(kept - 1) :] if kind == "token_logp" else padded[:, -kept:]
+        if kind == "token_logp":
+            padded = rows[0].new_zeros((len(rows), width - 1))
+            for r, value in enumerate(rows):
+                padded[r, : value.shape[0]] = value
+            # token_logp has one entry fewer than positions: cut one fewer
+            out[kind] = (padded[:, -(kept - 1) :] if kept is not None else padded).to(device)
+            continue
+        # logits-like: stored from each item's first useful position, zeros before it
+        starts = [int(values[f"{kind}:start"][i]) for i in idx]
+        offset = width - kept if kept is not None else 0
+        padded = rows[0].new_zeros((len(rows), width - offset, *rows[0].shape[1:]))
+        for r, (value, start) in enumerate(zip(rows, starts, strict=True)):
+            padded[r, start - offset : start - offset + value.shape[0]] = value
         out[kind] = padded.to(device)
     return out
 
