@@ -335,3 +335,46 @@ def test_cached_logits_start_at_the_answer_and_line_up_with_the_batch(tiny_model
     scored = labels[:, -kept:][:, 1:] != -100  # positions t predicting a scored token t+1
     assert got.shape == logits.shape and scored.sum() > 0
     assert torch.allclose(got[:, :-1][scored], logits[:, :-1][scored], atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_packed_batch_gives_the_padded_batch_logits_and_gradients(share, tiny_model_dir):
+    """Rows of unequal length, packed after their shared prefix (or with none): the logits at
+    every position that predicts an answer token, the loss and every gradient equal the padded
+    batch's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unlearn.train.reference import kept_positions
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    questions = ["Q?", "A much longer question here?", "Mid question?"]
+    answers = ["A b.", "Some answer x.", "An answer that runs on for a while."]
+    examples = [
+        Example(str(i), "h", question=q, answer=a)
+        for i, (q, a) in enumerate(zip(questions, answers, strict=True))
+    ]
+    items = tokenize_examples(examples, PromptFormatter(tok, PromptConfig()))
+    batch = collate(items, tok.pad_token_id)
+    labels = batch.pop("labels")
+    kept = kept_positions(labels)
+    n = loop._shared_prefix(batch, kept) if share else 0
+    assert (n >= 4) == share and kept is not None
+    results = []
+    for packed in (False, True):
+        model.zero_grad()
+        if packed:
+            logits = loop._packed_forward(model, batch, n, kept)
+        else:
+            logits = model(**batch, logits_to_keep=kept).logits
+        loss = losses.nll(logits, labels[:, -kept:])
+        loss.backward()
+        results.append(
+            (logits.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()])
+        )
+    (l0, k0, g0), (l1, k1, g1) = results
+    scored = labels[:, -kept:][:, 1:] != -100
+    assert torch.allclose(l0[:, :-1][scored], l1[:, :-1][scored], atol=1e-5)
+    assert torch.allclose(k0, k1, rtol=1e-6)
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)

@@ -566,26 +566,32 @@ def test_deepspeed_and_fsdp_are_refused_in_one_line(kind):
 
 
 @pytest.mark.parametrize(
-    ("name", "extra"), [("grad_diff", []), ("grad_ascent", []), ("npo", []), ("finetune", [])]
-)
+    ("name", "packed"),
+    [("grad_diff", True), ("grad_ascent", True), ("npo", True), ("finetune", True),
+     ("grad_diff", False), ("npo", False)],
+)  # fmt: skip
 def test_shared_prefix_and_kept_logits_change_nothing(
-    name, extra, target_dir, qa_files, tmp_path, monkeypatch
+    name, packed, target_dir, qa_files, tmp_path, monkeypatch
 ):
-    """The loop runs a batch's common first tokens once and computes logits from the position
-    before its first answer token on; the weights after training equal those of a run that
-    feeds every row whole and computes logits at every position."""
+    """The loop runs a batch's common first tokens once, packs the rest without padding (or
+    pads it, `packed=False`) and computes logits from the position before its first answer token
+    on; the weights after training equal those of a run that feeds every row whole and computes
+    logits at every position."""
     import unlearn.train.loop as loop
 
     forget, retain = qa_files
-    over = [*FAST, "train.lr=1e-3", "train.max_steps=3", "train.nll_check=false", *extra]
+    over = [*FAST, "train.lr=1e-3", "train.max_steps=3", "train.nll_check=false"]
     shared_calls = []
-    prefix_forward = loop._prefix_forward
+    fn = "_packed_forward" if packed else "_prefix_forward"
+    original = getattr(loop, fn)
 
     def counted(*args):
         shared_calls.append(args[2])
-        return prefix_forward(*args)
+        return original(*args)
 
-    monkeypatch.setattr(loop, "_prefix_forward", counted)
+    monkeypatch.setattr(loop, fn, counted)
+    if not packed:
+        monkeypatch.setattr(loop, "_can_pack", lambda a, m: False)
     runs = {}
     for fast in (True, False):
         monkeypatch.setattr(loop, "takes_logits_to_keep", lambda m, fast=fast: fast)
@@ -603,8 +609,10 @@ def test_shared_prefix_and_kept_logits_change_nothing(
             n_shared = len(shared_calls)
     assert len(shared_calls) == n_shared  # the slow run never took the shared path
     base = _weights(target_dir)
+    # AdamW turns rounding noise in near-zero gradient entries into updates of up to lr (1e-3)
+    # per step; a wrong gradient moves weights by that much, rounding by a few hundredths of it
     for key, value in runs[True].items():
-        assert torch.allclose(value, runs[False][key], atol=1e-5), (
+        assert torch.allclose(value, runs[False][key], atol=5e-5), (
             key,
             float((value - runs[False][key]).abs().max()),
         )
