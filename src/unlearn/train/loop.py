@@ -85,6 +85,9 @@ class TrainResult:
     log_path: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     reference_seconds: float = 0.0  # the one pass caching reference values, before step 1
+    # the starting model's cached values on the forget items (`reference_values`), e.g. for the
+    # run's before-training NLL check; the caller frees them (logits may be large)
+    reference: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -209,6 +212,7 @@ def train(
         log_path=str(run.log_path),
         history=history,
         reference_seconds=run.reference_seconds,
+        reference=run.ref_forget,
     )
 
 
