@@ -374,3 +374,30 @@ def test_console_script_exit_code_and_no_traceback(qa_files, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("unlearn: error: unknown method 'nope'")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("rmu", ["method.layer=1", "method.steering_coeff=1"]),  # the tiny model has 2 blocks
+        ("pdu", []),
+        ("uno", []),
+        ("uno_s", []),
+        ("whp", ["method.reinforce_steps=2"]),
+        ("task_vector", []),
+    ],
+)
+def test_every_new_method_runs_from_the_command_line(
+    name, extra, capsys, tiny_model_dir, qa_files, tmp_path
+):
+    forget, retain = qa_files
+    out = tmp_path / name
+    code, _, err = run(
+        capsys, "forget", "--model", str(tiny_model_dir), "--forget", str(forget),
+        "--retain", str(retain), "--method", name, "--output", str(out),
+        "train.progress=false", "train.batch_size=2", "train.max_steps=1", *extra,
+    )  # fmt: skip
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file()
+    manifest = json.loads((out / "unlearn.json").read_text())
+    assert manifest["method"] == name
