@@ -44,6 +44,10 @@ retain = [item(5, 4, i) for i in range(8)]  # equal answer lengths: KL averages 
 method = get_method("npo")
 params = build_params(method, {"retain_loss": "kl"})
 cfg = TrainConfig(batch_size=3, max_steps=3, lr=1e-3, progress=False, seed=3)
+# one process would pack its rows (two cannot); both pad here, so they compute the same sums
+# (packing against padding: tests/test_loop_extensions.py)
+import unlearn.train.loop as loop
+loop._can_pack = lambda accelerator, model: False
 train(model, method, params, forget, cfg, __import__("pathlib").Path(sys.argv[1]), 0,
       retain=retain)
 import accelerate
