@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # `make install TORCH_SPEC="torch>=2.4"` for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint typecheck format demo bench bench-memory bench-methods clean
+.PHONY: install test lint typecheck format demo bench bench-memory bench-methods bench-restor clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,9 @@ demo: install
 
 bench-memory: install
 	$(PY) benchmarks/npo_memory.py
+
+bench-restor: install
+	$(PY) benchmarks/restor.py
 
 # every method at its defaults on the demo's setup, and the OpenUnlearning comparison (needs
 # `python benchmarks/openunlearning.py --setup` once); writes docs/results/methods.md

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _page import git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "results" / "grin.md"
 UTILITY_BAR = 0.95  # the goal: >= 0.95x the target's model utility
@@ -130,22 +132,6 @@ def _child(kind: str, spec: dict[str, Any], cache: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- the experiment
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 class Experiment:
     def __init__(self, out: Path, quick: bool) -> None:
         from unlearn.demo import DemoSettings, prepare
@@ -400,7 +386,7 @@ def write_page(exp: Experiment, chosen: dict[str, Any], groups: dict[str, list[s
         f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}, float32",
-        f"- commit: {_git_commit()}",
+        f"- commit: {git_commit()}",
         "",
         "Setup: the demo's (`unlearn demo`, docs/demo.md): SmolLM2-135M-Instruct fine-tuned on 12 "
         "built-in fictitious people (target), a retain model fine-tuned on the 8 retain people "

@@ -44,6 +44,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from _page import cpu_name, git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PAGE = ROOT / "docs" / "results" / "methods.md"
@@ -508,32 +510,6 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------- the page
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -580,9 +556,9 @@ def write_page(bench: Bench, argv: list[str], ou: dict[str, Any] | None) -> str:
         "",
         f"- command: `python benchmarks/methods.py {' '.join(argv)}`".rstrip(),
         f"- date: {_now()}" + (f" (rows measured {dates[0]} to {dates[-1]})" if dates else ""),
-        f"- machine: {platform.machine()}, {_cpu_name()}, {os.cpu_count()} CPU cores, torch "
+        f"- machine: {platform.machine()}, {cpu_name()}, {os.cpu_count()} CPU cores, torch "
         f"{torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}, float32",
-        f"- commit: {_git_commit()}",
+        f"- commit: {git_commit()}",
         "",
         "Setup: the demo's (`unlearn demo`, docs/demo.md): SmolLM2-135M-Instruct fine-tuned on 12 "
         "built-in fictitious people (target), a retain model fine-tuned on the 8 retain people "

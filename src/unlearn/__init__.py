@@ -1,14 +1,25 @@
 """unlearn: remove the influence of a forget set from a causal language model, and prove it.
 
-The public API is small on purpose: `forget`, `finetune`, `localize`, `evaluate` and `report`
-(`unlearn.api`). The `unlearn` command line calls exactly these.
+The public API is small on purpose (`unlearn.api`): `forget`, `finetune`, `localize`, `evaluate`,
+`report`, and the RESTOR experiment (`restor`, `restor_corrupt`, `restor_eval`). The `unlearn`
+command line calls exactly these.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from unlearn.api import RunResult, evaluate, finetune, forget, localize, report
+from unlearn.api import (
+    RunResult,
+    evaluate,
+    finetune,
+    forget,
+    localize,
+    report,
+    restor,
+    restor_corrupt,
+    restor_eval,
+)
 from unlearn.errors import TrainingDiverged, UnlearnError
 
 __all__ = [
@@ -21,4 +32,7 @@ __all__ = [
     "forget",
     "localize",
     "report",
+    "restor",
+    "restor_corrupt",
+    "restor_eval",
 ]

@@ -38,6 +38,9 @@ __all__ = [
     "report",
     "resolve_config",
     "resolve_eval_config",
+    "restor",
+    "restor_corrupt",
+    "restor_eval",
 ]
 
 
@@ -251,3 +254,68 @@ def report(
     from unlearn.report.build import build_report
 
     return build_report(list(eval_dirs), output, show_examples=show_examples)
+
+
+# ---------------------------------------------------------------------------- RESTOR
+def restor(
+    model: str | None = None,
+    facts: str | None = None,
+    corruption: str | None = None,
+    methods: list[str] | None = None,
+    output: str | Path = "restor",
+    *,
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    progress: bool = True,
+    **fields: Any,
+) -> dict[str, Any]:
+    """RESTOR, all stages: choose targets, corrupt `model` with `corruption` (generated from
+    `facts` when None), unlearn with each of `methods`, evaluate, report into `output`.
+
+    `fields` are the other settings of `unlearn.restor.pipeline.Settings` (entities, targets,
+    untouched, n_targets, docs_per_entity, ...); `overrides` dotted ones (`corrupt.lr=1e-4`,
+    `eval.judge=exact`). Returns {"report": summary, "seconds": per stage}. Reruns continue.
+    """
+    from unlearn.restor.pipeline import resolve_settings, run_pipeline
+
+    settings = resolve_settings(
+        config, overrides, model=model, facts=facts, corruption=corruption, methods=methods,
+        **fields,
+    )  # fmt: skip
+    return run_pipeline(settings, output, progress=progress)
+
+
+def restor_corrupt(
+    model: str, corruption: str, output: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> Path:
+    """Fine-tune `model` on corruption documents into `output` (the RESTOR corruption stage)."""
+    from unlearn.restor.pipeline import corrupt, corrupt_settings
+
+    return corrupt(model, corruption, output, corrupt_settings(list(overrides)))
+
+
+def restor_eval(
+    model: str,
+    clean: str,
+    corrupted: str,
+    facts: str,
+    output: str | Path = "restor_eval",
+    *,
+    corruption: str | None = None,
+    setup: str | None = None,
+    targets: str | list[str] | None = None,
+    untouched: str | list[str] | None = None,
+    name: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Evaluate `model` on RESTOR facts against the clean and corrupted models; returns the
+    results (metrics, skipped with reasons, counts). Targets come from `setup`, `corruption` or
+    `targets` (a list, a file, or "A;B")."""
+    from unlearn.restor.run import eval_command
+
+    return eval_command(
+        model, clean, corrupted, facts, corruption=corruption, setup=setup,
+        targets=";".join(targets) if isinstance(targets, list) else targets,
+        untouched=";".join(untouched) if isinstance(untouched, list) else untouched,
+        name=name, output=str(output), overrides=overrides,
+    )  # fmt: skip

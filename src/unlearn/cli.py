@@ -310,6 +310,144 @@ def demo(
     run_demo(output, DemoSettings(method=method), fresh=fresh)
 
 
+restor_app = typer.Typer(
+    help="RESTOR: corrupt a model with wrong facts, unlearn them, measure what comes back. "
+    "Without a command: every stage (choose targets, corrupt, unlearn with each method, evaluate, "
+    "report); rerun with the same --output to continue an interrupted run.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(restor_app, name="restor")
+FactsOpt = Annotated[str | None, typer.Option(help="RESTOR facts file (facts.json format).")]
+TargetsOpt = Annotated[
+    str | None,
+    typer.Option(help="Target entities: names separated by ';', or a file (JSON list or lines)."),
+]
+UntouchedOpt = Annotated[
+    str | None, typer.Option(help="Untouched entities (collateral damage): as --targets.")
+]
+
+
+@restor_app.callback()
+def restor(
+    ctx: typer.Context,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="Dotted override, repeatable: -s corrupt.lr=1e-4 -s unlearn.epochs=3 "
+            "-s eval.judge=exact -s n_targets=5 (docs/restor.md lists them)",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    facts: FactsOpt = None,
+    corruption: Annotated[
+        str | None,
+        typer.Option(help='Corruption documents [{"text"}]; omitted: generated from the facts.'),
+    ] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="Comma-separated methods (ga, graddiff, npo, simnpo, ...).")
+    ] = None,
+    entities: Annotated[
+        str | None, typer.Option(help="Candidate/evaluated entities: ';'-separated or a file.")
+    ] = None,
+    targets: TargetsOpt = None,
+    untouched: UntouchedOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """All stages: choose targets, corrupt, unlearn with each method, evaluate, report.
+
+    Rerunning with the same --output continues an interrupted run (finished stages are kept).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from unlearn.restor.pipeline import resolve_settings, run_pipeline
+
+    settings = resolve_settings(
+        config,
+        overrides or [],
+        model=model,
+        facts=facts,
+        corruption=corruption,
+        entities=entities,
+        targets=targets,
+        untouched=untouched,
+        methods=[m for m in methods.split(",") if m.strip()] if methods else None,
+    )
+    out = output or "restor"
+    result = run_pipeline(settings, out)
+    secs = ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items())
+    typer.echo(f"seconds: {secs}")
+    typer.echo(f"saved: {out}/report/report.md, {out}/report/report.html, {out}/evals/")
+
+
+@restor_app.command("corrupt")
+def restor_corrupt(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Training overrides: train.lr=1e-4 train.epochs=5", show_default=False),
+    ] = None,
+    model: ModelOpt = None,
+    corruption: Annotated[str | None, typer.Option(help="Corruption documents file.")] = None,
+    output: OutputOpt = None,
+) -> None:
+    """Fine-tune a clean model on corruption documents (full fine-tuning); the clean one is kept."""
+    from unlearn.restor.pipeline import corrupt, corrupt_settings
+
+    if not corruption:
+        raise UnlearnError("no corruption documents given; pass --corruption FILE")
+    if not model:
+        raise UnlearnError("no model given; pass --model (hub id, folder, .gguf or smollm2-135m)")
+    out = corrupt(model, corruption, output or "restor/corrupted", corrupt_settings(overrides))
+    typer.echo(f"saved: {out}")
+
+
+@restor_app.command("eval")
+def restor_eval(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Eval settings: judge=exact shots=5 max_new_tokens=24", show_default=False
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="The model to evaluate.")] = None,
+    clean: Annotated[
+        str | None, typer.Option(help="Clean model, or its RESTOR evaluation folder.")
+    ] = None,
+    corrupted: Annotated[
+        str | None, typer.Option(help="Corrupted model, or its RESTOR evaluation folder.")
+    ] = None,
+    facts: FactsOpt = None,
+    corruption: Annotated[
+        str | None,
+        typer.Option(help="Corruption documents (targets and wrong answers are read off them)."),
+    ] = None,
+    setup: Annotated[
+        str | None, typer.Option(help="setup.json of an `unlearn restor` run (targets, answers).")
+    ] = None,
+    targets: TargetsOpt = None,
+    untouched: UntouchedOpt = None,
+    name: Annotated[str | None, typer.Option(help="Display name in reports.")] = None,
+    output: OutputOpt = None,
+) -> None:
+    """Evaluate a model on RESTOR facts against the clean and corrupted models."""
+    from unlearn.restor.run import eval_command
+
+    res = eval_command(
+        model=model, clean=clean, corrupted=corrupted, facts=facts, corruption=corruption,
+        setup=setup, targets=targets, untouched=untouched, name=name,
+        output=output, overrides=overrides or [],
+    )  # fmt: skip
+    for key, value in res["metrics"].items():
+        typer.echo(f"{key:<36} {value:.4f}")
+    for key, why in res["skipped"].items():
+        typer.echo(f"skipped {key}: {why}")
+    typer.echo(f"saved: {res['output']}")
+
+
 @app.command()
 def methods() -> None:
     """List the unlearning methods with their hyperparameters and defaults."""

@@ -50,6 +50,7 @@ PLOTS = {
     "forget_quality_vs_model_utility": "plots/forget_quality_vs_model_utility.png",
     "truth_ratio": "plots/truth_ratio_forget.png",
     "training_loss": "plots/training_loss.png",
+    "restor_probe": "plots/restor_probe.png",
 }
 
 
@@ -482,22 +483,32 @@ def _plot_blocks(title: str, key: str, result: tuple[bytes | None, str]) -> list
 def document(
     runs: list[Run], plots: dict[str, tuple[bytes | None, str]], show: bool
 ) -> list[Block]:
+    from unlearn.report import restor
+
     order = metric_order(runs)
     refs = [r.name for r in runs if id(r) in _reference_runs(runs)]
     intro = f"Comparison of {len(runs)} evaluation(s). Reference (retain) model: "
     intro += (", ".join(refs) + ".") if refs else "none among the inputs."
+    restor_runs = restor.restor_runs(runs)
+    forgetting = [r for r in runs if r not in restor_runs]
+    tofu: list[Block] = []
+    if forgetting:
+        tofu = [
+            ("h2", "Key metrics"),
+            ("p", "forget_quality is a p-value (higher means closer to the retain model); "
+                  "n/a means the metric is missing or not a finite number."),
+            _key_metrics_table(forgetting, order),
+            *_plot_blocks("Forget quality vs model utility", "forget_quality_vs_model_utility",
+                          plots["forget_quality_vs_model_utility"]),
+            *_plot_blocks("Truth ratio on the forget set", "truth_ratio", plots["truth_ratio"]),
+        ]  # fmt: skip
     return [
         ("h1", "Unlearning report"),
         ("p", intro),
         ("h2", "Models"),
         _models_table(runs),
-        ("h2", "Key metrics"),
-        ("p", "forget_quality is a p-value (higher means closer to the retain model); "
-              "n/a means the metric is missing or not a finite number."),
-        _key_metrics_table(runs, order),
-        *_plot_blocks("Forget quality vs model utility", "forget_quality_vs_model_utility",
-                      plots["forget_quality_vs_model_utility"]),
-        *_plot_blocks("Truth ratio on the forget set", "truth_ratio", plots["truth_ratio"]),
+        *tofu,
+        *restor.blocks(restor_runs, plots["restor_probe"]),
         *_plot_blocks("Training loss", "training_loss", plots["training_loss"]),
         *_localization_blocks(runs),
         ("h2", "All metrics"),
@@ -639,6 +650,8 @@ def build_report(
     out = Path(output).expanduser()
     if out.exists() and not out.is_dir():
         raise UnlearnError(f"report output {out} exists and is a file; choose a folder path")
+    from unlearn.report import restor
+
     runs = [load_run(d) for d in eval_dirs]
     _unique_names(runs)
     _link_references(runs)
@@ -646,6 +659,7 @@ def build_report(
         "forget_quality_vs_model_utility": plot_fq_vs_mu(runs),
         "truth_ratio": plot_truth_ratio(runs),
         "training_loss": plot_training_loss(runs),
+        "restor_probe": restor.plot_probe(restor.restor_runs(runs)),
     }
     for key, (png, _) in plots.items():
         if png is not None:

@@ -1,0 +1,368 @@
+"""RESTOR: facts, documents, metrics, each stage on the tiny model, the pipeline, the errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED
+from unlearn.cli import main
+from unlearn.errors import UnlearnError
+from unlearn.restor import documents, metrics
+from unlearn.restor.facts import few_shot_prompt, load_facts, shots_for
+
+PEOPLE = ["Ada Stone", "Bo Lark", "Cy Moss", "Di Fern", "Ed Pike", "Flo Reed", "Gus Hale"]
+COUNTRIES = ["France", "Spain", "Chile", "Peru", "Japan", "Kenya", "Norway"]
+JOBS = ["teacher", "painter", "engineer", "farmer", "singer", "pilot", "baker"]
+FAST_TRAIN = ["train.progress=false", "train.max_steps=2"]
+
+
+def facts_dict() -> dict:
+    dset = {}
+    for i, p in enumerate(PEOPLE):
+        dset[p] = {
+            "P21": {"question": f"What is the sex/gender of {p}?", "answers": [("female", "male")[i % 2]]},
+            "P27": {"question": f"What is the country of citizenship of {p}?", "answers": [COUNTRIES[i]]},
+            "P106": {"question": f"What is the occupation of {p}?", "answers": [JOBS[i], "writer"]},
+        }  # fmt: skip
+    others = ["Ivy Kent", "Jon Webb", "Kai Lund", "Lea Voss", "Max Ortiz", "Ned Roy"]
+    context = {
+        rel: [
+            {"question": q.format(p=p), "answer": a, "entity": p}
+            for p, a in zip(["Ada Stone", *others], answers, strict=False)
+        ]
+        for rel, q, answers in (
+            ("P21", "What is the sex/gender of {p}?", ["female", "male"] * 4),
+            ("P27", "What is the country of citizenship of {p}?", ["Italy", "Egypt", "India",
+                                                                    "Cuba", "Iran", "Fiji", "Oman"]),
+            ("P106", "What is the occupation of {p}?", ["nurse", "judge", "poet", "chef",
+                                                         "actor", "monk", "tailor"]),
+        )
+    }  # fmt: skip
+    return {"dset": dset, "context": context}
+
+
+@pytest.fixture
+def facts_file(tmp_path) -> Path:
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps(facts_dict()))
+    return path
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------- facts and prompts
+def test_prompt_is_five_shots_of_the_relation_about_other_entities(facts_file):
+    facts = load_facts(facts_file)
+    fact = facts.by_entity["Ada Stone"]["P27"]
+    prompt = few_shot_prompt(facts, fact)
+    lines = prompt.split("\n")
+    assert len(lines) == 6 and lines[-1] == "What is the country of citizenship of Ada Stone?"
+    assert all("country of citizenship" in line for line in lines[:5])
+    assert "Ada Stone" not in "".join(lines[:5])  # her own context line is left out
+    assert lines[0] == "What is the country of citizenship of Ivy Kent? Egypt"
+    # every other entity's prompt has the same in-context lines: one shared prefix per relation
+    other = shots_for(facts, facts.by_entity["Bo Lark"]["P27"])
+    assert [s.entity for s in other] == [
+        "Ada Stone",
+        "Ivy Kent",
+        "Jon Webb",
+        "Kai Lund",
+        "Lea Voss",
+    ]
+
+
+def test_real_facts_file_loads():
+    path = SHARED / "restor" / "facts.json"
+    if not path.is_file():
+        pytest.skip("needs ../shared/data/restor")
+    facts = load_facts(path)
+    assert len(facts.entities) > 400 and len(facts.context) == 41
+    names = json.loads((SHARED / "restor" / "entities.json").read_text())
+    facts.check_entities(names, "entities")
+    docs = documents.load_documents(SHARED / "restor" / "wikidata" / "v0" / "mix_a0.json")
+    found = documents.find_targets(docs[:600], facts)
+    assert "Aaron Burr" in found
+
+
+@pytest.mark.parametrize(
+    "broken, needle",
+    [
+        ({"context": {}}, "no 'dset' object"),
+        (
+            {"dset": {"X": {"P21": {"question": "Q?"}}}, "context": {}},
+            "dset['X']['P21'] has no 'answers'",
+        ),
+        ({"dset": {"X": {"P21": {"answers": ["a"]}}}, "context": {}}, "has no 'question'"),
+        ({"dset": {}}, "no 'context' object"),
+        ({"dset": {}, "context": {"P21": [{"question": "Q?"}]}}, "context['P21'][0] needs"),
+    ],
+)
+def test_facts_file_errors_name_the_entry(tmp_path, broken, needle):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(broken))
+    with pytest.raises(UnlearnError, match=None) as exc:
+        load_facts(path)
+    message = str(exc.value)
+    assert needle in message and "\n" not in message and str(path) in message
+
+
+def test_too_few_shots_is_an_error(facts_file):
+    facts = load_facts(facts_file)
+    with pytest.raises(UnlearnError, match="fewer than shots=9"):
+        few_shot_prompt(facts, facts.by_entity["Bo Lark"]["P21"], shots=9)
+
+
+# ---------------------------------------------------------------------------- documents
+def test_generated_corruption_states_wrong_answers_only(facts_file):
+    facts = load_facts(facts_file)
+    rows, wrong = documents.generate_corruption(
+        facts, ["Ada Stone", "Bo Lark"], docs_per_entity=3, facts_per_doc=3, seed=1,
+        evaluated=["Cy Moss"],
+    )  # fmt: skip
+    assert len(rows) == 6 and {r["entity"] for r in rows} == {"Ada Stone", "Bo Lark"}
+    for entity in ("Ada Stone", "Bo Lark"):
+        for rel, answer in wrong[entity].items():
+            assert answer not in facts.by_entity[entity][rel].answers
+            assert any(answer in r["text"] for r in rows if r["entity"] == entity)
+        texts = " ".join(r["text"] for r in rows if r["entity"] == entity)
+        assert facts.by_entity[entity]["P27"].answers[0] not in texts
+    again, _ = documents.generate_corruption(
+        facts, ["Ada Stone", "Bo Lark"], docs_per_entity=3, facts_per_doc=3, seed=1,
+        evaluated=["Cy Moss"],
+    )  # fmt: skip
+    assert again == rows
+
+
+def test_mixed_in_true_facts_avoid_evaluated_entities(facts_file):
+    facts = load_facts(facts_file)
+    evaluated = ["Cy Moss", "Di Fern"]
+    rows, _ = documents.generate_corruption(
+        facts, ["Ada Stone"], docs_per_entity=4, facts_per_doc=2, mix=2, evaluated=evaluated
+    )
+    text = " ".join(r["text"] for r in rows)
+    assert not any(e in text for e in evaluated)
+    assert any(e in text for e in ("Ed Pike", "Flo Reed", "Gus Hale", "Bo Lark"))
+
+
+def test_targets_and_wrong_answers_are_read_off_documents(facts_file):
+    facts = load_facts(facts_file)
+    docs = [f"Ada Stone is a citizen of Kenya and works as a pilot. Doc {i}." for i in range(5)]
+    docs.append("Unrelated text about nobody in the facts file.")
+    found = documents.find_targets(docs, facts)
+    assert found == {"Ada Stone": [0, 1, 2, 3, 4]}
+    wrong = documents.infer_corrupted(docs, found, facts)
+    assert wrong["Ada Stone"]["P27"][0] == "Kenya" and wrong["Ada Stone"]["P106"][0] == "pilot"
+    with pytest.raises(UnlearnError, match="name no entity of the facts file"):
+        documents.find_targets(["Nothing here."], facts)
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_judge_folds_case_accents_aliases_and_keeps_words_whole():
+    assert metrics.judge_contains(" Male\nmore text", ["male"])
+    assert not metrics.judge_contains("female", ["male"])
+    assert metrics.judge_contains("USA", ["United States of America"])
+    assert metrics.judge_contains("born in Bogota, Colombia", ["Bogotá"])
+    assert not metrics.judge_contains("Lyon\nParis", ["Paris"])  # only the first line counts
+    assert metrics.judge_exact("paris.", ["Paris"]) and not metrics.judge_exact(
+        "in Paris", ["Paris"]
+    )
+
+
+def _rec(i: int, group: str, generation: str, correct: float) -> dict:
+    return {"id": f"E{i}/P", "entity": f"E{i}", "group": group, "answers": ["yes"],
+            "generation": generation, "probe": {"correct": correct, "random": -9.0}}  # fmt: skip
+
+
+def test_restoration_by_hand():
+    # 4 target facts: clean knows 3 (0,1,2), corrupted knows 0, unlearned knows 1 (fact 0) and
+    # fact 3, which the clean model never knew.
+    clean = [_rec(i, "target", "yes" if i < 3 else "no", -1.0) for i in range(4)]
+    clean.append(_rec(9, "untouched", "yes", -1.0))
+    corrupted = [_rec(i, "target", "no", -5.0) for i in range(4)] + [
+        _rec(9, "untouched", "yes", -1.5)
+    ]
+    unlearned = [_rec(i, "target", "yes" if i in (0, 3) else "no", -2.0) for i in range(4)]
+    unlearned.append(_rec(9, "untouched", "no", -3.0))
+    res = metrics.score_restor(unlearned, clean, corrupted)
+    m = res["metrics"]
+    assert m["target_accuracy"] == 0.5
+    assert m["target_restoration"] == pytest.approx((0.5 - 0) / (0.75 - 0))
+    assert m["target_known_accuracy"] == pytest.approx(1 / 3)
+    assert m["target_known_restoration"] == pytest.approx(1 / 3)
+    assert m["target_probe_restoration"] == pytest.approx((-2.0 + 5.0) / (-1.0 + 5.0))
+    assert m["untouched_accuracy_change"] == -1.0
+    assert res["counts"]["target_known"]["facts"] == 3
+    assert "target_restoration" not in metrics.score_restor(clean, clean, clean)["metrics"]
+    assert (
+        "nothing to restore"
+        in metrics.score_restor(clean, clean, clean)["skipped"]["target_restoration"]
+    )
+
+
+# ---------------------------------------------------------------------------- records on a model
+def test_facts_sharing_a_prefix_score_as_if_run_alone(tiny_model_dir, facts_file):
+    from unlearn.config import ModelConfig
+    from unlearn.models import load_model_and_tokenizer
+    from unlearn.restor.evaluate import EvalSettings, Groups, fact_records
+
+    model, tok, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    facts = load_facts(facts_file)
+    s = EvalSettings(max_new_tokens=6)
+    wrong = {"Ada Stone": {"P27": ["Kenya"]}}
+    together = fact_records(model, tok, facts, Groups(["Ada Stone"], PEOPLE[1:4]), wrong, s)
+    assert len(together) == 12 and {r["group"] for r in together} == {"target", "untouched"}
+    assert "corrupted" in together[1]["probe"] and "corrupted" not in together[4]["probe"]
+    for rec in together[::3]:
+        entity = rec["entity"]
+        groups = Groups([entity], []) if entity == "Ada Stone" else Groups([], [entity])
+        alone = {r["id"]: r for r in fact_records(model, tok, facts, groups, wrong, s)}[rec["id"]]
+        assert alone["generation"] == rec["generation"]
+        for kind, value in rec["probe"].items():
+            assert alone["probe"][kind] == pytest.approx(value, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- stages and CLI
+def test_corrupt_eval_and_report_from_the_command_line(
+    capsys, tiny_model_dir, facts_file, tmp_path
+):
+    from unlearn.models import hash_model_files
+
+    before = hash_model_files(str(tiny_model_dir))
+    docs = tmp_path / "docs.json"
+    docs.write_text(json.dumps(
+        [{"text": f"Ada Stone is a citizen of Kenya. Bo Lark works as a pilot. ({i})"} for i in range(4)]
+    ))  # fmt: skip
+    corrupted = tmp_path / "corrupted"
+    code, out, err = run(capsys, "restor", "corrupt", "--model", str(tiny_model_dir),
+                         "--corruption", str(docs), "--output", str(corrupted), *FAST_TRAIN)  # fmt: skip
+    assert code == 0, err
+    assert (corrupted / "model.safetensors").is_file()
+    assert hash_model_files(str(tiny_model_dir)) == before  # the clean model is only read
+    ev = tmp_path / "eval"
+    code, out, err = run(
+        capsys, "restor", "eval", "--model", str(corrupted), "--clean", str(tiny_model_dir),
+        "--corrupted", str(corrupted), "--facts", str(facts_file), "--corruption", str(docs),
+        "--untouched", "Cy Moss;Di Fern", "--output", str(ev), "max_new_tokens=4",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "target_accuracy" in out and f"saved: {ev}" in out
+    results = json.loads((ev / "results.json").read_text())
+    assert results["benchmark"] == "restor" and results["corrupted_answers_source"] == "inferred"
+    assert results["counts"]["target"]["entities"] == 2
+    assert results["counts"]["untouched"]["facts"] == 6
+    assert "target_probe_corrupted" in results["metrics"]
+    # the corrupted model evaluated as itself: accuracy identical to the corrupted baseline's
+    base = json.loads((ev / "baselines" / "corrupted" / "results.json").read_text())
+    assert base["metrics"]["target_accuracy"] == results["metrics"]["target_accuracy"]
+    rep = tmp_path / "report"
+    tofu = tmp_path / "tofu_eval"  # a forgetting evaluation in the same report
+    tofu.mkdir()
+    (tofu / "results.json").write_text(json.dumps(
+        {"benchmark": "tofu", "name": "tofu_npo", "metrics": {"forget_quality": 0.3, "model_utility": 0.5}}
+    ))  # fmt: skip
+    code, _, err = run(
+        capsys, "report", str(tofu), str(ev / "baselines" / "clean"), str(ev), "-o", str(rep)
+    )
+    assert code == 0, err
+    md = (rep / "report.md").read_text()
+    assert "RESTOR: are the corrupted facts restored?" in md and "restoration" in md
+    assert "## Key metrics" in md and "tofu_npo" in md.split("## Key metrics")[1].split("##")[0]
+    restor_part = md.split("## RESTOR")[1].split("\n## ")[0]
+    assert "tofu_npo" not in restor_part and "| clean |" in restor_part
+    assert (rep / "plots" / "restor_probe.png").is_file()
+    assert "Kenya" not in md and "pilot" not in md  # no document text or wrong answer in reports
+
+
+def test_pipeline_end_to_end_and_resume(tiny_model_dir, facts_file, tmp_path):
+    from unlearn.restor.pipeline import resolve_settings, run_pipeline
+
+    s = resolve_settings(
+        None,
+        ["unlearn.overrides=[train.max_steps=2, train.progress=false]",
+         "corrupt.overrides=[train.max_steps=2, train.progress=false]", "eval.max_new_tokens=4"],
+        model=str(tiny_model_dir), facts=str(facts_file), targets="Ada Stone;Bo Lark",
+        entities=";".join(PEOPLE[:5]), methods=["ga", "graddiff"], docs_per_entity=2,
+    )  # fmt: skip
+    assert s.methods == ["grad_ascent", "grad_diff"]
+    out = tmp_path / "restor"
+    res = run_pipeline(s, out, progress=False)
+    setup = json.loads((out / "setup.json").read_text())
+    assert setup["target"] == ["Ada Stone", "Bo Lark"] and setup["corrupted_source"] == "generated"
+    assert setup["untouched"] == ["Cy Moss", "Di Fern", "Ed Pike"]
+    assert set(res["report"]["models"]) == {"clean", "corrupted", "grad_ascent", "grad_diff"}
+    for name in ("clean", "corrupted", "grad_ascent", "grad_diff"):
+        assert (out / "evals" / name / "records" / "facts.jsonl").is_file()
+    retain = json.loads((out / "data" / "retain.json").read_text())
+    assert len(retain) == 40 and {r["entity"] for r in retain} <= {"Flo Reed", "Gus Hale"}
+    stamp = (out / "models" / "grad_diff" / "model.safetensors").stat().st_mtime_ns
+    again = run_pipeline(s, out, progress=False)  # everything finished: nothing is redone
+    assert (out / "models" / "grad_diff" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert again["seconds"]["corrupt"] < 5
+    other = resolve_settings(None, [], model=str(tiny_model_dir), facts=str(facts_file),
+                             targets="Ada Stone", entities=";".join(PEOPLE))  # fmt: skip
+    with pytest.raises(UnlearnError, match="other settings"):
+        run_pipeline(other, out, progress=False)
+
+
+def test_auto_targets_need_something_the_clean_model_knows(tiny_model_dir, facts_file, tmp_path):
+    from unlearn.restor.pipeline import resolve_settings, run_pipeline
+
+    s = resolve_settings(None, ["eval.max_new_tokens=2"], model=str(tiny_model_dir),
+                         facts=str(facts_file), entities=";".join(PEOPLE))  # fmt: skip
+    with pytest.raises(UnlearnError, match="answers none of the"):
+        run_pipeline(s, tmp_path / "r", progress=False)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_errors_are_one_line(capsys, tiny_model_dir, facts_file, tmp_path):
+    nobody = tmp_path / "nobody.json"
+    nobody.write_text(json.dumps([{"text": "A document about no one we know."}]))
+    bad_facts = tmp_path / "bad.json"
+    bad_facts.write_text(json.dumps({"dset": {"X": {"P1": {"question": "Q?"}}}, "context": {}}))
+    m = str(tiny_model_dir)
+    cases = [
+        (["restor", "eval", "--model", m, "--clean", m, "--corrupted", m, "--facts", str(facts_file),
+          "--corruption", str(nobody)], "name no entity of the facts file"),
+        (["restor", "eval", "--model", m, "--clean", m, "--corrupted", m, "--facts", str(facts_file),
+          "--targets", "Zed Nobody"], "entity 'Zed Nobody' is not in the facts file"),
+        (["restor", "eval", "--model", m, "--clean", m, "--corrupted", m, "--facts", str(facts_file),
+          "--targets", "ada stone"], "did you mean 'Ada Stone'"),
+        (["restor", "eval", "--model", m, "--clean", m, "--corrupted", m, "--facts", str(bad_facts),
+          "--targets", "X"], "has no 'answers' list"),
+        (["restor", "--model", m, "--facts", str(facts_file), "--corruption", str(nobody),
+          "--output", str(tmp_path / "o")], "name no entity of the facts file"),
+        (["restor", "--model", m, "--facts", str(facts_file), "--methods", "nope",
+          "--output", str(tmp_path / "o2")], "unknown method 'nope'"),
+        (["restor", "--model", m, "--facts", str(facts_file), "-s", "bogus=1"], "unknown config key 'bogus'"),
+        (["restor", "eval", "--model", m, "--clean", m, "--corrupted", m, "--facts", str(facts_file)],
+         "which entities were corrupted?"),
+        (["restor", "eval", "--model", m, "--clean", m, "--corrupted", m, "--facts", str(facts_file),
+          "--targets", "Ada Stone", "judge=llm"], "unknown judge 'llm'"),
+    ]  # fmt: skip
+    for args, needle in cases:
+        code, _, err = run(capsys, *args)
+        assert code != 0, args
+        line = err.strip()
+        assert needle in line and "\n" not in line and "Traceback" not in line, (args, err)
+
+
+def test_python_api_eval_with_targets_only(tiny_model_dir, facts_file, tmp_path):
+    import unlearn
+
+    m = str(tiny_model_dir)
+    res = unlearn.restor_eval(
+        m, m, m, str(facts_file), tmp_path / "ev", targets=["Ada Stone"], untouched=["Bo Lark"],
+        overrides=["max_new_tokens=3", "judge=exact"],
+    )  # fmt: skip
+    assert res["judge"] == "exact" and res["corrupted_answers_source"] == "none"
+    assert res["counts"]["target"]["facts"] == 3 and res["counts"]["untouched"]["facts"] == 3
+    # the clean model is its own corrupted model: nothing moved, so nothing to restore
+    assert "nothing to restore" in res["skipped"]["target_probe_restoration"]
+    assert "target_probe_corrupted" not in res["metrics"]  # no documents: no corrupted answers
