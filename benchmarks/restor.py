@@ -29,6 +29,7 @@ from _page import ROOT, provenance
 
 DATA = ROOT.parent / "shared" / "data" / "restor"
 PAGE = ROOT / "docs" / "results" / "restor.md"
+PLOTS = ROOT / "docs" / "results" / "restor"  # the report's probe plot of each variant
 VARIANTS = {
     "restor": {"corruption": str(DATA / "wikidata" / "v0" / "mix_a0.json")},
     "generated": {},
@@ -61,6 +62,7 @@ def run_variant(name: str, out: Path, overrides: list[str], fresh: bool) -> dict
         "folder": folder,
         "settings": settings,
         "seconds": result["seconds"],
+        "cost": result["cost"],
         "wall": time.perf_counter() - t,
         "evals": evals,
         "setup": setup,
@@ -100,50 +102,63 @@ def _table(v: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _known(r: dict[str, Any], group: str) -> int:
+    return int(r["counts"].get(f"{group}_known", {}).get("correct", 0))
+
+
 def _findings(v: dict[str, Any]) -> list[str]:
-    """Plain statements computed from the numbers; each says what holds here and what does not."""
+    """Plain statements computed from the numbers; each says what holds here and what does not,
+    with the fact counts behind it (a few facts are all a 135M model knows about these people)."""
     ev = v["evals"]
     clean, bad = ev["clean"]["metrics"], ev["corrupted"]["metrics"]
     methods = [m for m in v["settings"].methods if m in ev]
+    name = {m: NAMES.get(m, m) for m in methods}
     out = []
-    drop = clean["target_accuracy"] - bad["target_accuracy"]
-    known_after = bad.get("target_known_accuracy")
-    side = bad["untouched_accuracy"] - clean["untouched_accuracy"]
+    known_t, known_u = _known(ev["clean"], "target"), _known(ev["clean"], "untouched")
+    lost_t = known_t - _known(ev["corrupted"], "target")
+    lost_u = known_u - _known(ev["corrupted"], "untouched")
     out.append(
-        f"- Corruption {'drops' if drop > 0 else 'does not drop'} accuracy on the target facts: "
-        f"{clean['target_accuracy']:.2f} -> {bad['target_accuracy']:.2f}"
-        + (f" (on the facts the clean model knew: 1.00 -> {known_after:.2f})" if known_after is not None else "")
-        + f"; untouched entities move by {side:+.2f}."
+        f"- Corruption {'drops' if lost_t > 0 else 'does not drop'} accuracy on the target facts: "
+        f"{clean['target_accuracy']:.2f} -> {bad['target_accuracy']:.2f}; of the {known_t} target "
+        f"facts the clean model knew, {lost_t} are lost ({bad['target_known_accuracy']:.2f} left). "
+        f"It also costs {lost_u} of the {known_u} known facts of untouched entities "
+        f"({bad['untouched_known_accuracy']:.2f} left), so "
+        + ("most of the damage is specific to the targets." if lost_t / max(known_t, 1)
+           > 2 * lost_u / max(known_u, 1) else
+           "the damage is about as large on entities the documents never mention: full "
+           "fine-tuning on these documents degrades facts in general, not only the targeted ones.")
     )  # fmt: skip
     if "target_probe_corrupted" in bad and "target_probe_corrupted" in clean:
         out.append(
             f"- The corrupted answers' log-probability rises from {clean['target_probe_corrupted']:.2f} "
-            f"(clean) to {bad['target_probe_corrupted']:.2f} (corrupted): the wrong facts were learned."
+            f"(clean) to {bad['target_probe_corrupted']:.2f} (corrupted; correct answers: "
+            f"{clean['target_probe_correct']:.2f} -> {bad['target_probe_correct']:.2f}): the wrong "
+            "facts were learned."
         )  # fmt: skip
-    forgot, restored = [], []
+    forgot = []
     for m in methods:
-        mm = ev[m]["metrics"]
-        fell = bad.get("target_probe_corrupted", 0) - mm.get("target_probe_corrupted", 0)
+        fell = bad.get("target_probe_corrupted", 0) - ev[m]["metrics"].get(
+            "target_probe_corrupted", 0
+        )
         if fell > 0.5:
-            forgot.append(f"{NAMES.get(m, m)} ({fell:+.2f} nats lower)")
-        r = mm.get("target_known_restoration")
-        if r is not None and r > 0:
-            restored.append((r, NAMES.get(m, m)))
+            forgot.append(f"{name[m]} ({fell:.2f} nats lower)")
     out.append(
         "- Forget the wrong facts (corrupted answers' log-probability more than 0.5 nats below the "
         f"corrupted model's): {', '.join(forgot) if forgot else 'none of the methods'}."
     )
-    if restored:
-        best = max(restored)
-        out.append(
-            "- Restore (known-fact accuracy restoration above 0): "
-            + ", ".join(f"{n} {r:.2f}" for r, n in sorted(restored, reverse=True))
-            + f"; the most: {best[1]}."
-        )
-    else:
-        out.append(
-            "- No method restores any of the known facts' accuracy (restoration <= 0 for all)."
-        )
+    back = {m: _known(ev[m], "target") - _known(ev["corrupted"], "target") for m in methods}
+    back_u = {m: _known(ev[m], "untouched") - _known(ev["corrupted"], "untouched") for m in methods}
+    ranked = sorted(methods, key=lambda m: -back[m])
+    out.append(
+        f"- Restore (of the {lost_t} known target facts corruption broke, how many are answered "
+        "again; restoration = that share): "
+        + ", ".join(f"{name[m]} {back[m]:+d} ({_f(ev[m]['metrics'].get('target_known_restoration'))})"
+                    for m in ranked)
+        + ". On untouched entities the same models regain "
+        + ", ".join(f"{name[m]} {back_u[m]:+d}" for m in ranked)
+        + f" of {lost_u} lost facts: what comes back is partly general recovery from the "
+        "fine-tuning's damage, not knowledge specific to the targets."
+    )  # fmt: skip
     npo, ga = ev.get("npo"), ev.get("grad_ascent")
     if npo and ga:
         a = npo["metrics"].get("target_known_restoration")
@@ -151,19 +166,25 @@ def _findings(v: dict[str, Any]) -> list[str]:
         pa = npo["metrics"].get("target_probe_restoration")
         pb = ga["metrics"].get("target_probe_restoration")
         if a is not None and b is not None:
-            verdict = "beats" if a > b else ("ties with" if a == b else "does not beat")
-            out.append(
-                f"- NPO {verdict} gradient ascent on restoration of known facts ({a:.2f} vs "
-                f"{b:.2f}; probe restoration {_f(pa)} vs {_f(pb)}), "
-                + ("as in the RESTOR paper." if a > b else "unlike the RESTOR paper (Llama-3-8B).")
+            diff = back["npo"] - back["grad_ascent"]
+            verdict = (
+                "restores more than"
+                if diff > 0
+                else ("ties with" if diff == 0 else "restores less than")
             )
+            out.append(
+                f"- NPO {verdict} gradient ascent ({a:.2f} vs {b:.2f}, {back['npo']:+d} vs "
+                f"{back['grad_ascent']:+d} facts; probe restoration {_f(pa)} vs {_f(pb)}), "
+                + ("the paper's ordering" if diff > 0 else "unlike the paper's ordering (Llama-3-8B)")
+                + (f", but by {abs(diff)} fact(s): within what a handful of facts can tell apart."
+                   if abs(diff) <= 2 else ".")
+            )  # fmt: skip
     for m in methods:
-        mm = ev[m]["metrics"]
-        change = mm.get("untouched_accuracy_change")
+        change = ev[m]["metrics"].get("untouched_accuracy_change")
         if change is not None and change < -0.1:
             out.append(
-                f"- {NAMES.get(m, m)} also damages untouched entities: accuracy {change:+.2f} "
-                "against the clean model."
+                f"- {name[m]} also damages untouched entities: accuracy {change:+.2f} against the "
+                "clean model."
             )
     return out
 
@@ -174,7 +195,6 @@ def _f(x: float | None) -> str:
 
 def _variant_section(v: dict[str, Any]) -> list[str]:
     s, setup = v["settings"], v["setup"]
-    secs = v["seconds"]
     corr = (
         f"RESTOR's `{Path(s.corruption).name}` ({setup['extra']['corruption_documents']} documents "
         f"kept: {s.docs_per_entity} per target), wrong answers inferred from the text"
@@ -196,11 +216,14 @@ def _variant_section(v: dict[str, Any]) -> list[str]:
         + (f", retain set: {len(json.loads(Path(setup['extra']['retain']).read_text()))} "
            "generated true-fact documents about non-evaluated entities" if setup["extra"].get("retain") else "")
         + ".",
-        f"- time: {v['wall'] / 60:.1f} min for this invocation (stages: "
-        + ", ".join(f"{k} {x:.0f} s" for k, x in secs.items())
-        + "; stages finished by an earlier invocation count 0 here)",
+        f"- cost: {sum(v['cost'].values()) / 60:.1f} min of model time in all (each stage's own "
+        "time when it ran, from its manifest or results: "
+        + ", ".join(f"{k} {x:.0f} s" for k, x in v["cost"].items())
+        + ")",
         "",
         *_table(v),
+        "",
+        f"![Logit probe, variant {v['name']}]({PLOTS.name}/{v['name']}_probe.png)",
         "",
         "What this run shows:",
         "",
@@ -270,11 +293,16 @@ def main() -> None:
         sys.exit(f"unknown variant {unknown[0]}; choose from {', '.join(VARIANTS)}")
     runs = [run_variant(n, Path(args.output), args.set, args.fresh) for n in names]
     for v in runs:
-        print(f"{v['name']}: {v['wall'] / 60:.1f} min", json.dumps(v["seconds"]))
+        print(f"{v['name']}: {v['wall'] / 60:.1f} min this call", json.dumps(v["cost"]))
         print("\n".join(_table(v)))
         print("\n".join(_findings(v)))
     if not args.no_page:
-        PAGE.parent.mkdir(parents=True, exist_ok=True)
+        PLOTS.mkdir(parents=True, exist_ok=True)
+        for v in runs:
+            shutil.copyfile(
+                v["folder"] / "report" / "plots" / "restor_probe.png",
+                PLOTS / f"{v['name']}_probe.png",
+            )
         PAGE.write_text(write_page(runs, sys.argv[1:]))
         print(f"wrote {PAGE}")
 

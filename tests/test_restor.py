@@ -305,6 +305,11 @@ def test_pipeline_end_to_end_and_resume(tiny_model_dir, facts_file, tmp_path):
     again = run_pipeline(s, out, progress=False)  # everything finished: nothing is redone
     assert (out / "models" / "grad_diff" / "model.safetensors").stat().st_mtime_ns == stamp
     assert again["seconds"]["corrupt"] < 5
+    assert again["cost"] == res["cost"] and set(res["cost"]) >= {
+        "corrupt",
+        "eval_clean",
+        "unlearn_grad_diff",
+    }
     other = resolve_settings(None, [], model=str(tiny_model_dir), facts=str(facts_file),
                              targets="Ada Stone", entities=";".join(PEOPLE))  # fmt: skip
     with pytest.raises(UnlearnError, match="other settings"):

@@ -486,11 +486,13 @@ def document(
     from unlearn.report import restor
 
     order = metric_order(runs)
-    refs = [r.name for r in runs if id(r) in _reference_runs(runs)]
-    intro = f"Comparison of {len(runs)} evaluation(s). Reference (retain) model: "
-    intro += (", ".join(refs) + ".") if refs else "none among the inputs."
     restor_runs = restor.restor_runs(runs)
     forgetting = [r for r in runs if r not in restor_runs]
+    refs = [r.name for r in runs if id(r) in _reference_runs(runs)]
+    intro = f"Comparison of {len(runs)} evaluation(s)."
+    if forgetting:
+        intro += " Reference (retain) model: "
+        intro += (", ".join(refs) + ".") if refs else "none among the inputs."
     tofu: list[Block] = []
     if forgetting:
         tofu = [

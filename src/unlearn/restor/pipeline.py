@@ -285,7 +285,8 @@ def prepare(s: Settings, out: Path, progress: bool = True) -> Setup:
 
 
 def run_pipeline(s: Settings, output: str | Path, progress: bool = True) -> dict[str, Any]:
-    """All stages, then the report; returns {"report": summary, "seconds": per stage}."""
+    """All stages, then the report; returns {"report": summary, "seconds": this call's time per
+    stage, "cost": what each stage cost when it ran (`stage_costs`)}."""
     from unlearn.report.build import build_report
 
     if not s.facts:
@@ -323,6 +324,37 @@ def run_pipeline(s: Settings, output: str | Path, progress: bool = True) -> dict
         seconds[f"eval_{method}"] = time.perf_counter() - t
     dirs = [clean_eval, corrupted_eval, *(evals / m for m in s.methods)]
     summary = build_report([str(d) for d in dirs], out / "report")
-    result = {"report": summary, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
-    atomic_write_json(out / "run.json", {"seconds": result["seconds"], "methods": s.methods})
+    result = {
+        "report": summary,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "cost": stage_costs(out, s.methods),
+    }
+    atomic_write_json(
+        out / "run.json",
+        {"seconds": result["seconds"], "cost": result["cost"], "methods": s.methods},
+    )
     return result
+
+
+def stage_costs(out: Path, methods: list[str]) -> dict[str, float]:
+    """What each stage cost when it ran, read off what it wrote (a training run's manifest, an
+    evaluation's results), so a rerun that reuses finished stages still reports their cost."""
+
+    def read(path: Path, key: str) -> float | None:
+        try:
+            value = json.loads(path.read_text(encoding="utf-8")).get(key)
+        except (OSError, json.JSONDecodeError):
+            return None
+        return round(float(value), 1) if isinstance(value, (int, float)) else None
+
+    evals, models = out / "evals", out / "models"
+    items = {
+        "select": read(evals / "select" / "results.json", "seconds"),
+        "corrupt": read(models / "corrupted" / "unlearn.json", "wall_seconds"),
+        "eval_clean": read(evals / "clean" / "results.json", "seconds"),
+        "eval_corrupted": read(evals / "corrupted" / "results.json", "seconds"),
+    }
+    for m in methods:
+        items[f"unlearn_{m}"] = read(models / m / "unlearn.json", "wall_seconds")
+        items[f"eval_{m}"] = read(evals / m / "results.json", "seconds")
+    return {k: v for k, v in items.items() if v is not None}
