@@ -106,6 +106,21 @@ def _known(r: dict[str, Any], group: str) -> int:
     return int(r["counts"].get(f"{group}_known", {}).get("correct", 0))
 
 
+def _specificity(share_t: float, share_u: float) -> str:
+    if share_u == 0:
+        return "so the damage is specific to the targets."
+    ratio = share_t / share_u
+    if ratio >= 1.5:
+        return (
+            f"so the targets lose {ratio:.1f}x the share untouched entities lose: part of the damage "
+            "is specific to the targets, part is general degradation from the fine-tuning."
+        )
+    return (
+        "about the same share: the damage is general degradation from full fine-tuning on these "
+        "documents, not specific to the targets."
+    )
+
+
 def _findings(v: dict[str, Any]) -> list[str]:
     """Plain statements computed from the numbers; each says what holds here and what does not,
     with the fact counts behind it (a few facts are all a 135M model knows about these people)."""
@@ -122,11 +137,8 @@ def _findings(v: dict[str, Any]) -> list[str]:
         f"{clean['target_accuracy']:.2f} -> {bad['target_accuracy']:.2f}; of the {known_t} target "
         f"facts the clean model knew, {lost_t} are lost ({bad['target_known_accuracy']:.2f} left). "
         f"It also costs {lost_u} of the {known_u} known facts of untouched entities "
-        f"({bad['untouched_known_accuracy']:.2f} left), so "
-        + ("most of the damage is specific to the targets." if lost_t / max(known_t, 1)
-           > 2 * lost_u / max(known_u, 1) else
-           "the damage is about as large on entities the documents never mention: full "
-           "fine-tuning on these documents degrades facts in general, not only the targeted ones.")
+        f"({bad['untouched_known_accuracy']:.2f} left), "
+        + _specificity(lost_t / max(known_t, 1), lost_u / max(known_u, 1))
     )  # fmt: skip
     if "target_probe_corrupted" in bad and "target_probe_corrupted" in clean:
         out.append(
@@ -218,7 +230,8 @@ def _variant_section(v: dict[str, Any]) -> list[str]:
         + ".",
         f"- cost: {sum(v['cost'].values()) / 60:.1f} min of model time in all (each stage's own "
         "time when it ran, from its manifest or results: "
-        + ", ".join(f"{k} {x:.0f} s" for k, x in v["cost"].items())
+        + ", ".join(f"{k} {x:.0f} s" for k, x in v["cost"].items() if x > 0)
+        + ("" if v["cost"].get("select") else "; choosing the targets (select) not recorded")
         + ")",
         "",
         *_table(v),

@@ -221,10 +221,10 @@ def select_targets(
     everyone = list(dict.fromkeys([*pool, *candidates]))
     setup = Setup(everyone, [], {}, "none", facts.sha256)
     s = replace(s, max_answers=1, random_answers=0)  # only the answers matter here
-    records, _ = model_records(spec, folder, facts, setup, s, progress)
+    records, secs = model_records(spec, folder, facts, setup, s, progress)
     key = records_key(facts, setup.groups, {}, s)
     write_evaluation(folder, "select", spec, _model_sha(spec), "select", key, records, records,
-                     records, s, corrupted_source="none")  # fmt: skip
+                     records, s, seconds=secs, corrupted_source="none")  # fmt: skip
     ok = judged(records, _judge(s))
     known = dict.fromkeys(everyone, 0)
     for r in records:
