@@ -510,7 +510,7 @@ def document(
         ("h2", "Models"),
         _models_table(runs),
         *tofu,
-        *restor.blocks(restor_runs, plots["restor_probe"]),
+        *restor.blocks(restor_runs, plots.get("restor_probe", (None, ""))),
         *_plot_blocks("Training loss", "training_loss", plots["training_loss"]),
         *_localization_blocks(runs),
         ("h2", "All metrics"),
@@ -661,9 +661,11 @@ def build_report(
         "forget_quality_vs_model_utility": plot_fq_vs_mu(runs),
         "truth_ratio": plot_truth_ratio(runs),
         "training_loss": plot_training_loss(runs),
-        "restor_probe": restor.plot_probe(restor.restor_runs(runs)),
     }
-    for key, (png, _) in plots.items():
+    if restor.restor_runs(runs):
+        plots["restor_probe"] = restor.plot_probe(restor.restor_runs(runs))
+    for key in PLOTS:
+        png = plots.get(key, (None, ""))[0]
         if png is not None:
             _write_bytes(out / PLOTS[key], png)
         elif (out / PLOTS[key]).is_file():
