@@ -14,6 +14,7 @@ Output folder (`results.json` is what `unlearn report` reads; `benchmark` is "re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -209,8 +210,6 @@ def records_key(facts: Facts, groups: Groups, corrupted: dict, s: EvalSettings) 
 
 
 def _digest(obj: Any) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
