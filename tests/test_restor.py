@@ -258,6 +258,15 @@ def test_corrupt_eval_and_report_from_the_command_line(
     assert results["counts"]["target"]["entities"] == 2
     assert results["counts"]["untouched"]["facts"] == 6
     assert "target_probe_corrupted" in results["metrics"]
+    # without --corruption, the targets come from the documents the corrupted model was trained on
+    code, _, err = run(
+        capsys, "restor", "eval", "--model", str(corrupted), "--clean", str(tiny_model_dir),
+        "--corrupted", str(corrupted), "--facts", str(facts_file), "--output", str(tmp_path / "ev2"),
+        "max_new_tokens=4",
+    )  # fmt: skip
+    assert code == 0, err
+    again = json.loads((tmp_path / "ev2" / "results.json").read_text())
+    assert again["counts"]["target"] == results["counts"]["target"]
     # the corrupted model evaluated as itself: accuracy identical to the corrupted baseline's
     base = json.loads((ev / "baselines" / "corrupted" / "results.json").read_text())
     assert base["metrics"]["target_accuracy"] == results["metrics"]["target_accuracy"]
@@ -371,3 +380,19 @@ def test_python_api_eval_with_targets_only(tiny_model_dir, facts_file, tmp_path)
     # the clean model is its own corrupted model: nothing moved, so nothing to restore
     assert "nothing to restore" in res["skipped"]["target_probe_restoration"]
     assert "target_probe_corrupted" not in res["metrics"]  # no documents: no corrupted answers
+
+
+def test_restor_command_runs_every_stage(capsys, tiny_model_dir, facts_file, tmp_path):
+    out = tmp_path / "run"
+    fast = "[train.max_steps=1, train.progress=false]"
+    code, stdout, err = run(
+        capsys, "restor", "--model", str(tiny_model_dir), "--facts", str(facts_file),
+        "--targets", "Ada Stone", "--entities", ";".join(PEOPLE[:4]), "--methods", "npo",
+        "-s", f"corrupt.overrides={fast}", "-s", f"unlearn.overrides={fast}",
+        "-s", "eval.max_new_tokens=2", "-s", "docs_per_entity=2", "--output", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"saved: {out}/report/report.md" in stdout and "unlearn_npo" in stdout
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert list(summary["models"]) == ["clean", "corrupted", "npo"]
+    assert summary["plots"]["restor_probe"] == "plots/restor_probe.png"

@@ -433,7 +433,11 @@ def restor_eval(
     name: Annotated[str | None, typer.Option(help="Display name in reports.")] = None,
     output: OutputOpt = None,
 ) -> None:
-    """Evaluate a model on RESTOR facts against the clean and corrupted models."""
+    """Evaluate a model on RESTOR facts against the clean and corrupted models.
+
+    The targets come from --setup, --corruption or --targets, else from the corrupted model (the
+    `unlearn restor` run it belongs to, or the documents `restor corrupt` trained it on).
+    """
     from unlearn.restor.run import eval_command
 
     res = eval_command(

@@ -288,6 +288,22 @@ def corruption_setup(
     return [{"text": t} for t in kept], list(found), infer_corrupted(kept, named, facts)
 
 
+def _setup_beside(corrupted: Path) -> Path | None:
+    """The setup.json of the `unlearn restor` run a corrupted model folder belongs to."""
+    candidate = corrupted.parent.parent / SETUP
+    return candidate if corrupted.name == "corrupted" and candidate.is_file() else None
+
+
+def _trained_on(corrupted: Path) -> str | None:
+    """The documents file a `restor corrupt` model was fine-tuned on, if it is still there."""
+    try:
+        manifest = json.loads((corrupted / "unlearn.json").read_text(encoding="utf-8"))
+        source = manifest["data"]["forget"]["source"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return source if isinstance(source, str) and Path(source).is_file() else None
+
+
 def eval_command(
     model: str | None,
     clean: str | None,
@@ -302,7 +318,8 @@ def eval_command(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """`unlearn restor eval`: who the targets are comes from --setup (an `unlearn restor` run),
-    else --corruption (read off the documents, wrong answers inferred), else --targets."""
+    else --corruption (read off the documents, wrong answers inferred), else --targets, else the
+    corrupted model itself (its run's setup.json, or the documents its manifest names)."""
     from unlearn.config import apply_overrides, build_section
     from unlearn.restor.evaluate import EvalSettings
 
@@ -329,6 +346,11 @@ def eval_command(
         st = Setup(found, wanted_untouched, wrong, "inferred", f.sha256)
     elif wanted_targets:
         st = Setup(wanted_targets, wanted_untouched, {}, "none", f.sha256)
+    elif (found_setup := _setup_beside(Path(corrupted))) is not None:
+        st = Setup.load(found_setup)
+    elif (docs_file := _trained_on(Path(corrupted))) is not None:
+        _, found, wrong = corruption_setup(f, load_documents(docs_file), None, None, 0)
+        st = Setup(found, wanted_untouched, wrong, "inferred", f.sha256)
     else:
         raise UnlearnError(
             "which entities were corrupted? pass --setup (from `unlearn restor`), --corruption "
