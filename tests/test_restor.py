@@ -258,15 +258,18 @@ def test_corrupt_eval_and_report_from_the_command_line(
     assert results["counts"]["target"]["entities"] == 2
     assert results["counts"]["untouched"]["facts"] == 6
     assert "target_probe_corrupted" in results["metrics"]
-    # without --corruption, the targets come from the documents the corrupted model was trained on
+    # without --corruption, the targets come from the documents the corrupted model was trained on;
+    # a baseline given as its evaluation folder is read, not run again
     code, _, err = run(
-        capsys, "restor", "eval", "--model", str(corrupted), "--clean", str(tiny_model_dir),
+        capsys, "restor", "eval", "--model", str(corrupted), "--clean", str(ev / "baselines" / "clean"),
         "--corrupted", str(corrupted), "--facts", str(facts_file), "--output", str(tmp_path / "ev2"),
-        "max_new_tokens=4",
+        "--untouched", "Cy Moss;Di Fern", "max_new_tokens=4",
     )  # fmt: skip
     assert code == 0, err
     again = json.loads((tmp_path / "ev2" / "results.json").read_text())
     assert again["counts"]["target"] == results["counts"]["target"]
+    assert again["metrics"] == results["metrics"]
+    assert not (tmp_path / "ev2" / "baselines" / "clean").exists()
     # the corrupted model evaluated as itself: accuracy identical to the corrupted baseline's
     base = json.loads((ev / "baselines" / "corrupted" / "results.json").read_text())
     assert base["metrics"]["target_accuracy"] == results["metrics"]["target_accuracy"]

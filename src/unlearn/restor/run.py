@@ -19,6 +19,7 @@ from unlearn.errors import UnlearnError
 from unlearn.outputs import atomic_write_json
 from unlearn.restor.documents import find_targets, infer_corrupted, load_documents
 from unlearn.restor.evaluate import (
+    RESULTS,
     EvalSettings,
     Groups,
     fact_records,
@@ -119,6 +120,43 @@ def model_records(
     return records, time.perf_counter() - t
 
 
+def _baselines(
+    sources: dict[str, str | Path],
+    folders: dict[str, Path],
+    facts: Facts,
+    setup: Setup,
+    s: EvalSettings,
+    progress: bool,
+) -> dict[str, list[dict[str, Any]]]:
+    """Records of the clean and corrupted models. A source holding a RESTOR evaluation is read
+    (it must match these facts and settings); a model runs once into its folder in `folders`,
+    whose evaluation is written scored against the other baseline."""
+    key = records_key(facts, setup.groups, setup.corrupted, s)
+    recs: dict[str, list[dict[str, Any]]] = {}
+    ran: dict[str, float] = {}
+    for which, src in sources.items():
+        if (Path(src) / RESULTS).is_file():
+            results, recs[which] = read_records(Path(src))
+            if results.get("records_key") != key:
+                raise UnlearnError(
+                    f"the {which} evaluation {src} used other facts, entities or settings than "
+                    "this one; evaluate the models with the same ones"
+                )
+        else:
+            twin = [w for w in ran if str(sources[w]) == str(src)]  # the same model given twice
+            recs[which], ran[which] = (
+                (recs[twin[0]], ran[twin[0]]) if twin
+                else model_records(str(src), folders[which], facts, setup, s, progress)
+            )  # fmt: skip
+    for which, secs in ran.items():
+        spec = str(sources[which])
+        write_evaluation(
+            folders[which], which, spec, _model_sha(spec), which, key, recs[which], recs["clean"],
+            recs["corrupted"], s, seconds=secs, corrupted_source=setup.corrupted_source,
+        )  # fmt: skip
+    return recs
+
+
 def evaluate_baselines(
     clean: str,
     corrupted: str,
@@ -130,27 +168,8 @@ def evaluate_baselines(
     progress: bool = True,
 ) -> None:
     """Evaluate the clean and the corrupted model, each scored against the other."""
-    key = records_key(facts, setup.groups, setup.corrupted, s)
-    c, c_secs = model_records(clean, clean_dir, facts, setup, s, progress)
-    k, k_secs = model_records(corrupted, corrupted_dir, facts, setup, s, progress)
-    for folder, spec, role, recs, secs in (
-        (clean_dir, clean, "clean", c, c_secs),
-        (corrupted_dir, corrupted, "corrupted", k, k_secs),
-    ):
-        write_evaluation(
-            folder, role, spec, _model_sha(spec), role, key, recs, c, k, s, seconds=secs,
-            corrupted_source=setup.corrupted_source,
-        )  # fmt: skip
-
-
-def _baseline_records(folder: Path, key: dict[str, Any], which: str) -> list[dict[str, Any]]:
-    results, recs = read_records(folder)
-    if results.get("records_key") != key:
-        raise UnlearnError(
-            f"the {which} evaluation {folder} used other facts, entities or settings than this "
-            "one; evaluate the models with the same ones"
-        )
-    return recs
+    _baselines({"clean": clean, "corrupted": corrupted},
+               {"clean": clean_dir, "corrupted": corrupted_dir}, facts, setup, s, progress)  # fmt: skip
 
 
 def evaluate(
@@ -169,35 +188,26 @@ def evaluate(
     """Evaluate model `spec` into `output`, scored against the clean and corrupted models.
 
     `clean` and `corrupted` are RESTOR evaluation folders of the same facts and settings, or models,
-    which are then evaluated into `output`/baselines/{clean,corrupted} (reused on a second call).
+    which are then evaluated into `output`/baselines/{clean,corrupted} (reused on a second call;
+    a baseline that is `spec` itself is not run twice).
     """
     s = s or EvalSettings()
     s.check()
     out = Path(output)
     facts.check_entities(setup.groups.all, "evaluation")
+    sources = {"clean": clean, "corrupted": corrupted}
+    folders = {w: out / "baselines" / w for w in sources}
+    base = _baselines(sources, folders, facts, setup, s, progress)
+    same = [w for w, src in sources.items() if str(src) == spec]
+    if same:
+        records, secs = base[same[0]], 0.0
+    else:
+        records, secs = model_records(spec, out, facts, setup, s, progress)
     key = records_key(facts, setup.groups, setup.corrupted, s)
-    folders = {}
-    for which, src in (("clean", clean), ("corrupted", corrupted)):
-        given = Path(src)
-        folders[which] = given if (given / "results.json").is_file() else None
-    if folders["clean"] is None or folders["corrupted"] is None:
-        base = out / "baselines"
-        evaluate_baselines(
-            str(clean) if folders["clean"] is None else _spec_of(folders["clean"]),
-            str(corrupted) if folders["corrupted"] is None else _spec_of(folders["corrupted"]),
-            base / "clean", base / "corrupted", facts, setup, s, progress,
-        )  # fmt: skip
-        folders = {w: folders[w] or base / w for w in folders}
-    base_recs = {w: _baseline_records(f, key, w) for w, f in folders.items()}
-    records, secs = model_records(spec, out, facts, setup, s, progress)
     return write_evaluation(
         out, name or Path(spec).name, spec, _model_sha(spec), role, key, records,
-        base_recs["clean"], base_recs["corrupted"], s, judge, secs, setup.corrupted_source,
+        base["clean"], base["corrupted"], s, judge, secs, setup.corrupted_source,
     )  # fmt: skip
-
-
-def _spec_of(folder: Path) -> str:
-    return str(read_records(folder)[0].get("model_path"))
 
 
 # ---------------------------------------------------------------------------- stages
