@@ -12,10 +12,12 @@ Stages, each row run in a child process (so peak memory is that row's own):
 2. sweep (NPO + GRIN): noise_std, then top_fraction, then lr, then train_all, one at a time; the
    best setting (forget quality among settings keeping >= 0.95x the target's model utility, else
    the highest utility) is the default used in stage 3 and in `LocalizeConfig`;
-3. table: NPO, GradDiff and IdkDPO, each with no localization (at the demo's lr and at the
-   localized lr), GRIN, GRIN without noise, a random mask + noise, a forget-gradient mask + noise.
+3. table: the paper's trio NPO, GradDiff and PO, each with no localization (at the demo's lr and
+   at the localized lr), GRIN, GRIN without noise, a random mask + noise, a forget-gradient mask
+   + noise. GRIN's PO is TOFU's "preference optimization" (NLL toward refusals + retain NLL), i.e.
+   `idk_nll`; `idk_dpo` (OpenUnlearning's IdkDPO, a DPO variant) is not PO but can be named too.
 
-    python benchmarks/grin.py [--out out/grin] [--methods npo,grad_diff,idk_dpo] [--quick]
+    python benchmarks/grin.py [--out out/grin] [--methods npo,grad_diff,idk_nll] [--quick]
 
 Results are cached per row in OUT/rows/*.json (delete them to rerun a row); the page is rewritten
 from every row at the end.
@@ -41,6 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "results" / "grin.md"
 UTILITY_BAR = 0.95  # the issue's goal: >= 0.95x the target's model utility
 FQ_GOAL = 0.05
+# the paper's names; GRIN's PO = TOFU's preference optimization = idk_nll (docs/methods/grin.md)
+PAPER_NAMES = {
+    "npo": "NPO",
+    "grad_diff": "GradDiff",
+    "idk_nll": "GRIN's PO",
+    "idk_dpo": "IdkDPO, a DPO variant, not GRIN's PO",
+}
 COLUMNS = (
     ("forget_quality", "forget quality", ".2e"),
     ("model_utility", "model utility", ".3f"),
@@ -312,6 +321,10 @@ class Experiment:
 
 
 # ---------------------------------------------------------------------------- the page
+def _paper_name(method: str) -> str:
+    return f" ({PAPER_NAMES[method]})" if method in PAPER_NAMES else ""
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -363,8 +376,9 @@ def _findings(exp: Experiment, groups: dict[str, list[str]]) -> list[str]:
             continue
         better = grin["forget_quality"] > plain["forget_quality"]
         out.append(
-            f"- **{method}**: GRIN without noise {'beat' if better else 'did not beat'} plain "
-            f"{method} ({show(grin)}; plain: {show(plain)})."
+            f"- **{method}**{_paper_name(method)}: GRIN without noise "
+            f"{'beat' if better else 'did not beat'} plain {method} ({show(grin)}; plain: "
+            f"{show(plain)})."
             + (f" Plain {method} at the masked runs' lr: {show(hot)}." if hot else "")
             + f" Noise on top of GRIN: {show(noisy)}. The controls with the same noise: random "
             f"mask {show(rand)}; forget-gradient mask (no ratio) {show(fgrad)}."
@@ -422,7 +436,7 @@ def write_page(exp: Experiment, chosen: dict[str, Any], groups: dict[str, list[s
     # the table
     lines += ["## Methods x localization", ""]
     for method, names in groups.items():
-        lines += [f"### {method}", "", *_table(exp, names), ""]
+        lines += [f"### {method}{_paper_name(method)}", "", *_table(exp, names), ""]
     if chosen.get("seed_rows"):
         names = chosen["seed_rows"]
         lines += ["## Seeds (NPO)", "", "The same two settings with training seeds 0, 1, 2:", ""]
@@ -497,7 +511,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out/grin")
-    parser.add_argument("--methods", default="npo,grad_diff,idk_dpo")
+    parser.add_argument("--methods", default="npo,grad_diff,idk_nll")
     parser.add_argument("--quick", action="store_true", help="a smaller sweep (for a check)")
     parser.add_argument("--sweep-only", action="store_true")
     args = parser.parse_args()

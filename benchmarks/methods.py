@@ -147,7 +147,7 @@ def row_key(method: str, overrides: list[str], setup: Any, settings: Any) -> dic
         "code": code_hash(
             [
                 m.loss.__module__,
-                "unlearn.train.run",
+                "unlearn.train.recipe",
                 "unlearn.eval.run",
                 "unlearn.eval.suites.builders",
             ]
@@ -212,10 +212,10 @@ class LoopMeter:
 
     def install(self) -> None:
         import unlearn.train.loop as loop
-        import unlearn.train.run as run
+        import unlearn.train.recipe as recipe
 
-        one_step, train = getattr(loop, "_one_step", None), getattr(loop, "train", None)
-        if one_step is None or train is None or getattr(run, "train", None) is not train:
+        one_step, train = getattr(loop, "one_step", None), getattr(loop, "train", None)
+        if one_step is None or train is None or getattr(recipe, "train", None) is not train:
             return
         self.wrapped = True
         depth = [0]
@@ -248,7 +248,7 @@ class LoopMeter:
             self.loop_gpu_mb = self._gpu_peak()
             return out
 
-        loop._one_step, loop.train, run.train = timed, counted_train, counted_train
+        loop.one_step, loop.train, recipe.train = timed, counted_train, counted_train
 
     def callback(self, step: int, logs: dict[str, Any]) -> None:
         if not self.wrapped:

@@ -117,7 +117,7 @@ def test_config_yaml_reruns_the_same_run(capsys, tiny_model_dir, qa_files, tmp_p
 
 
 def test_nll_check_can_be_turned_off(capsys, monkeypatch, tiny_model_dir, qa_files, tmp_path):
-    import unlearn.train.run as run_module
+    import unlearn.train.nll_check as run_module
 
     def no_nll(*args, **kwargs):
         raise AssertionError("the NLL check ran although train.nll_check=false")
@@ -146,7 +146,7 @@ def test_nll_check_can_be_turned_off(capsys, monkeypatch, tiny_model_dir, qa_fil
 
 
 def test_nll_check_cost_is_bounded(capsys, monkeypatch, tiny_model_dir, qa_files, tmp_path):
-    import unlearn.train.run as run_module
+    import unlearn.train.recipe as run_module
 
     monkeypatch.setattr(run_module, "NLL_CHECK_SEQUENCES", 4)
     forget, retain = qa_files

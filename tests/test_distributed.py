@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from unlearn.config import TrainConfig
 from unlearn.methods import build_params, get_method
 from unlearn.prompts import Tokenized
-from unlearn.train.loop import train
+from unlearn.train.loop import TrainJob, train
 
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(
@@ -46,10 +46,10 @@ params = build_params(method, {"retain_loss": "kl"})
 cfg = TrainConfig(batch_size=3, max_steps=3, lr=1e-3, progress=False, seed=3)
 # one process would pack its rows (two cannot); both pad here, so they compute the same sums
 # (packing against padding: tests/test_loop_extensions.py)
-import unlearn.train.loop as loop
-loop._can_pack = lambda accelerator, model: False
-train(model, method, params, forget, cfg, __import__("pathlib").Path(sys.argv[1]), 0,
-      retain=retain)
+import unlearn.forward
+unlearn.forward.uses_sdpa = lambda model: False
+train(TrainJob(model, method, params, forget, cfg, __import__("pathlib").Path(sys.argv[1]), 0,
+      retain=retain))
 import accelerate
 state = accelerate.PartialState()
 assert state.num_processes == int(__import__("os").environ.get("WORLD_SIZE", "1"))

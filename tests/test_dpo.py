@@ -27,8 +27,9 @@ from unlearn.methods import build_params, get_method
 from unlearn.methods.base import LossInputs
 from unlearn.methods.dpo import DPOParams, dpo_loss
 from unlearn.methods.idk_dpo import IdkDPOParams
+from unlearn.methods.retain import objective
 from unlearn.prompts import PromptFormatter, collate, tokenize_examples
-from unlearn.train.loop import train
+from unlearn.train.loop import TrainJob, train
 
 LN2 = math.log(2)
 HALF = [LN2, 0.0, 0.0]
@@ -92,7 +93,7 @@ def test_dpo_loss_from_hand_log_ratios() -> None:
     close(logs["forget_nll"], 5 * LN2 / 3)  # (3 ln 2 + 2 ln 2) over 3 answer tokens
     # gamma and alpha weight the two terms; retain B's NLL is 2 ln 2.
     inputs = dpo_inputs("AB", "BA", [1.0, -2.0], [-0.5, 1.0], retain="B")
-    loss, logs = dpo_loss(inputs, DPOParams(beta=beta, gamma=2.0, alpha=0.5))
+    loss, logs = objective(get_method("dpo"), inputs, DPOParams(beta=beta, gamma=2.0, alpha=0.5))
     close(loss, 2 * forget + 0.5 * 2 * LN2)
     close(logs["retain_loss"], 2 * LN2)
 
@@ -138,7 +139,8 @@ def test_dpo_at_the_start_is_two_over_beta_log_two() -> None:
             dpo_inputs("AB", "BA", [0.0, 0.0], [0.0, 0.0]), DPOParams(beta=beta, alpha=0)
         )
         close(logs["forget_loss"], (2 / beta) * LN2)
-    loss, _ = dpo_loss(dpo_inputs("A", "B", [0.0], [0.0], retain="B"), IdkDPOParams())
+    inputs = dpo_inputs("A", "B", [0.0], [0.0], retain="B")
+    loss, _ = objective(get_method("idk_dpo"), inputs, IdkDPOParams())
     close(loss, 20 * LN2 + 2 * LN2)  # defaults beta 0.1, gamma = alpha = 1, NLL retain on B
 
 
@@ -279,9 +281,9 @@ def test_one_step_moves_preferred_up_and_rejected_down_with_cached_references(
     log-prob falls, every preferred one's rises. The loss sees the starting model's log-probs for
     both answers, cached before step 1 (equal to the model's own at step 1, not at step 2),
     and no frozen copy of the model is made."""
-    import unlearn.train.loop as loop
+    import unlearn.train.setup as train_setup
 
-    monkeypatch.setattr(loop, "frozen_copy", lambda *a: pytest.fail("kept a second model"))
+    monkeypatch.setattr(train_setup, "frozen_copy", lambda *a: pytest.fail("kept a second model"))
     model, tok, rejected, preferred = _tiny(tiny_model_dir)
     pad = tok.pad_token_id
     lose0, win0 = _sequence_logp(model, rejected, pad), _sequence_logp(model, preferred, pad)
@@ -300,7 +302,18 @@ def test_one_step_moves_preferred_up_and_rejected_down_with_cached_references(
 
     method = dataclasses.replace(get_method("dpo"), loss=checking_loss)
     cfg = TrainConfig(batch_size=4, max_steps=1, lr=1e-3, progress=False, weight_decay=0.0)
-    train(model, method, DPOParams(alpha=0.0), rejected, cfg, tmp_path / "a", pad, second=preferred)
+    train(
+        TrainJob(
+            model,
+            method,
+            DPOParams(alpha=0.0),
+            rejected,
+            cfg,
+            tmp_path / "a",
+            pad,
+            second=preferred,
+        )
+    )
     lose1, win1 = _sequence_logp(model, rejected, pad), _sequence_logp(model, preferred, pad)
     assert seen == [(True, True)]
     assert (lose1 < lose0 - 0.1).all() and (win1 > win0 + 0.1).all()  # each moves by ~1 nat
@@ -308,7 +321,18 @@ def test_one_step_moves_preferred_up_and_rejected_down_with_cached_references(
     seen.clear()  # two steps of 2: step 2's references are the start's, not the moved model's
     model, tok, rejected, preferred = _tiny(tiny_model_dir)
     cfg = dataclasses.replace(cfg, batch_size=2, max_steps=2, lr=1e-2)
-    train(model, method, DPOParams(alpha=0.0), rejected, cfg, tmp_path / "b", pad, second=preferred)
+    train(
+        TrainJob(
+            model,
+            method,
+            DPOParams(alpha=0.0),
+            rejected,
+            cfg,
+            tmp_path / "b",
+            pad,
+            second=preferred,
+        )
+    )
     assert seen == [(True, True), (False, False)]
 
 

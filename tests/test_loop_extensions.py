@@ -12,13 +12,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import unlearn.train.loop as loop
+from unlearn import forward as fwd
 from unlearn import losses
 from unlearn.config import PromptConfig, TrainConfig
 from unlearn.data import Example
 from unlearn.errors import UnlearnError
 from unlearn.methods.base import Method, Needs, Reinforce, RetainTerm
 from unlearn.prompts import PromptFormatter, collate, tokenize_examples
-from unlearn.train import hidden
+from unlearn.train import gradients, hidden, optim
 
 
 class _P:
@@ -37,7 +38,7 @@ def _tiny(tiny_model_dir, n: int = 4):
 def _train(model, tok, items, method, out, **kw):
     settings = {"batch_size": 2, "max_steps": 2, "progress": False, "lr": 1e-2, **kw.pop("cfg", {})}
     cfg = TrainConfig(**settings)
-    return loop.train(model, method, _P(), items, cfg, out, tok.pad_token_id, **kw)
+    return loop.train(loop.TrainJob(model, method, _P(), items, cfg, out, tok.pad_token_id, **kw))
 
 
 def _ga(inputs, params):
@@ -117,13 +118,13 @@ def _grads_by_hand(model, tok, forget, retain, weight):
 
 def _capture_step_grads(monkeypatch):
     grads = []
-    original = loop._apply
+    original = optim.apply_update
 
     def spy(run):
-        grads.append([p.grad.detach().clone() for p in loop._trainable(run)])
+        grads.append([p.grad.detach().clone() for p in run.trainable()])
         original(run)
 
-    monkeypatch.setattr(loop, "_apply", spy)
+    monkeypatch.setattr(optim, "apply_update", spy)
     return grads
 
 
@@ -165,13 +166,13 @@ def test_gradient_surgery_and_uno_match_hand_autograd(mode, tiny_model_dir, tmp_
 
 def test_project_without_conflict_keeps_the_sum():
     lin = torch.nn.Linear(2, 1, bias=False)
-    run = SimpleNamespace(model=lin)
+    run = SimpleNamespace(model=lin, masks=[], trainable=lambda: [lin.weight])
     g_f = [torch.tensor([[1.0, 0.0]])]
     lin.weight.grad = torch.tensor([[1.0, 1.0]])  # g_r, dot > 0
-    loop._project(run, g_f, always=False)
+    gradients.project(run, g_f, always=False)
     assert torch.equal(lin.weight.grad, torch.tensor([[2.0, 1.0]]))
     lin.weight.grad = torch.tensor([[1.0, 1.0]])
-    loop._project(run, g_f, always=True)  # (g_f - (1/2) g_r) + g_r = [0.5, -0.5] + [1, 1]
+    gradients.project(run, g_f, always=True)  # (g_f - (1/2) g_r) + g_r = [0.5, -0.5] + [1, 1]
     assert torch.allclose(lin.weight.grad, torch.tensor([[1.5, 0.5]]))
 
 
@@ -313,7 +314,8 @@ def test_cached_logits_start_at_the_answer_and_line_up_with_the_batch(tiny_model
     predict nothing scored), and put back at their places in a batch of unequal prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unlearn.train.reference import batch_values, kept_positions, reference_values
+    from unlearn.forward import kept_positions
+    from unlearn.train.reference import batch_values, reference_values
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -344,7 +346,7 @@ def test_packed_batch_gives_the_padded_batch_logits_and_gradients(share, tiny_mo
     batch's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unlearn.train.reference import kept_positions
+    from unlearn.forward import kept_positions
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -358,13 +360,13 @@ def test_packed_batch_gives_the_padded_batch_logits_and_gradients(share, tiny_mo
     batch = collate(items, tok.pad_token_id)
     labels = batch.pop("labels")
     kept = kept_positions(labels)
-    n = loop._shared_prefix(batch, kept) if share else 0
+    n = fwd.shared_prefix(batch, kept) if share else 0
     assert (n >= 4) == share and kept is not None
     results = []
     for packed in (False, True):
         model.zero_grad()
         if packed:
-            logits = loop._packed_forward(model, batch, n, kept)
+            logits = fwd.packed_forward(model, batch, n, kept)
         else:
             logits = model(**batch, logits_to_keep=kept).logits
         loss = losses.nll(logits, labels[:, -kept:])

@@ -34,7 +34,7 @@ from unlearn.methods import (
     simnpo,
 )
 from unlearn.methods.base import RetainTerm
-from unlearn.methods.retain import retain_term
+from unlearn.methods.retain import objective, retain_term
 from unlearn.refusals import load_refusals, pick_refusal
 
 LN2 = math.log(2)
@@ -113,7 +113,7 @@ def test_retain_term_errors() -> None:
 def test_grad_diff_weighting_nll() -> None:
     """gamma=2, alpha=0.5, forget A, retain B: -2 * 1.5 ln 2 + 0.5 * 2 ln 2 = -2 ln 2."""
     params = grad_diff.GradDiffParams(gamma=2.0, alpha=0.5)
-    loss, logs = grad_diff.grad_diff_loss(make_inputs("A", "B"), params)
+    loss, logs = objective(grad_diff.METHOD, make_inputs("A", "B"), params)
     close(loss, -2 * LN2)
     close(logs["retain_loss"], 2 * LN2)
 
@@ -131,7 +131,7 @@ def test_grad_diff_weighting_kl() -> None:
         ref_retain_logits=torch.tensor([[HALF, UNIFORM, UNIFORM]]),
     )
     params = grad_diff.GradDiffParams(gamma=2.0, alpha=0.5, retain_loss="kl")
-    loss, _ = grad_diff.grad_diff_loss(inputs, params)
+    loss, _ = objective(grad_diff.METHOD, inputs, params)
     close(loss, -3 * LN2 + 0.125 * math.log(9 / 8))
 
 
@@ -170,7 +170,7 @@ def test_npo_at_init_is_two_over_beta_log_two() -> None:
     """
     logp, _ = losses.sequence_logprob(*seqs("A"))
     inputs = make_inputs("A", "B", ref_forget_logp=logp.clone())
-    loss, logs = npo.npo_loss(inputs, npo.NPOParams())
+    loss, logs = objective(npo.METHOD, inputs, npo.NPOParams())
     close(logs["forget_loss"], 20 * LN2)
     close(logs["log_ratio"], 0.0)
     close(loss, 22 * LN2)
@@ -240,7 +240,7 @@ def test_simnpo_is_length_normalised() -> None:
 
 def test_simnpo_default_weighting() -> None:
     """Defaults gamma = 0.125, alpha = 1, beta = 4.5, NLL retain on B (= 2 ln 2)."""
-    loss, logs = simnpo.simnpo_loss(make_inputs("A", "B"), simnpo.SimNPOParams())
+    loss, logs = objective(simnpo.METHOD, make_inputs("A", "B"), simnpo.SimNPOParams())
     forget = -(2 / 4.5) * log_sigmoid(4.5 * 1.5 * LN2)
     close(loss, 0.125 * forget + 2 * LN2)
     close(logs["forget_loss"], forget)
@@ -252,11 +252,11 @@ def test_simnpo_default_weighting() -> None:
 
 def test_idk_nll_is_nll_on_refusals_plus_retain() -> None:
     """Forget batch A (already carrying refusal answers), retain B: 1.5 ln 2 + 2 ln 2."""
-    loss, logs = idk_nll.idk_nll_loss(make_inputs("A", "B"), idk_nll.IdkNLLParams())
+    loss, logs = objective(idk_nll.METHOD, make_inputs("A", "B"), idk_nll.IdkNLLParams())
     close(loss, 3.5 * LN2)
     close(logs["refusal_nll"], 1.5 * LN2)
     params = idk_nll.IdkNLLParams(gamma=2.0, alpha=0.5)
-    close(idk_nll.idk_nll_loss(make_inputs("A", "B"), params)[0], 3 * LN2 + LN2)
+    close(objective(idk_nll.METHOD, make_inputs("A", "B"), params)[0], 3 * LN2 + LN2)
     assert idk_nll.METHOD.forget_targets is idk_nll.refusal_targets
 
 

@@ -17,10 +17,10 @@ import unlearn
 from unlearn.config import PromptConfig
 from unlearn.data import Example
 from unlearn.prompts import PromptFormatter, Tokenized, tokenize_examples
-from unlearn.train import run as run_module
+from unlearn.train import nll_check as run_module
 from unlearn.train.loop import TrainResult
+from unlearn.train.nll_check import mean_nll
 from unlearn.train.reference import reference_values
-from unlearn.train.run import mean_nll
 
 SYSTEM = "You answer questions about people, briefly and in full sentences."
 FAST = ["train.progress=false", "train.batch_size=2", "train.max_steps=2", "train.lr=1e-3"]
@@ -71,7 +71,7 @@ def test_nll_check_runs_the_shared_prompt_start_once_and_matches_plain_forwards(
     model, tok = tiny
     items = _items(tok)
     order = sorted(items, key=lambda t: len(t.input_ids))
-    head = run_module._shared_head(model, order, torch.device("cpu"))
+    head = run_module.shared_head(model, order, torch.device("cpu"))
     assert head is not None and head[0] >= 10  # system prompt + user header
     n = head[0]
     value = 0.0
@@ -93,7 +93,7 @@ def test_nll_check_shares_nothing_when_a_labelled_token_comes_first(tiny):
     model, tok = tiny
     ids = tok("Alice writes books about rivers and old cities.")["input_ids"]
     docs = [Tokenized(ids[: k + 4], ids[: k + 4], k) for k in range(4)]
-    assert run_module._shared_head(model, docs, torch.device("cpu")) is None
+    assert run_module.shared_head(model, docs, torch.device("cpu")) is None
     assert mean_nll(model, docs, tok.pad_token_id, batch_size=3) == pytest.approx(
         _plain_nll(model, docs), rel=1e-5
     )
@@ -105,8 +105,8 @@ def test_forget_nll_from_cached_reference_values_is_the_checks_number(tiny, kind
     items = _items(tok, n=7)
     values = reference_values(model, items, tok.pad_token_id, (kind,), batch_size=3)
     expected = mean_nll(model, items[:5], tok.pad_token_id)
-    assert run_module._reference_nll(values, items[:5]) == pytest.approx(expected, rel=1e-5)
-    assert run_module._reference_nll({}, items[:5]) is None  # nothing usable: no number
+    assert run_module.reference_nll(values, items[:5]) == pytest.approx(expected, rel=1e-5)
+    assert run_module.reference_nll({}, items[:5]) is None  # nothing usable: no number
 
 
 @pytest.mark.parametrize("method", ["npo", "idk_nll"])

@@ -19,6 +19,7 @@ from unlearn.methods import METHODS, build_params
 from unlearn.methods.base import LossInputs, StepInfo
 from unlearn.methods.pdu import METHOD as PDU
 from unlearn.methods.pdu import PDUParams, pdu_loss, pdu_update_state
+from unlearn.methods.retain import objective
 from unlearn.methods.task_vector import METHOD as TASK_VECTOR
 from unlearn.methods.task_vector import TaskVectorParams, negate_task_vector
 from unlearn.train.checkpoint import read_progress
@@ -58,7 +59,7 @@ def hand_margin(logits: torch.Tensor, labels: torch.Tensor) -> float:
 @pytest.mark.parametrize("gamma", [1.0, 2.5])
 def test_pdu_forget_term_matches_hand_computation(gamma):
     logits, labels = random_batch()
-    inputs = LossInputs(logits, labels, defer_retain=True, state={"dual": 100.0})
+    inputs = LossInputs(logits, labels, state={"dual": 100.0})
     loss, logs = pdu_loss(inputs, PDUParams(gamma=gamma))
     assert logs["forget_loss"] == pytest.approx(hand_margin(logits, labels), rel=1e-5)
     assert float(loss) == pytest.approx(gamma * hand_margin(logits, labels), rel=1e-5)
@@ -68,13 +69,11 @@ def test_pdu_forget_term_matches_hand_computation(gamma):
 def test_pdu_forget_term_is_zero_on_flat_logits_and_pulls_the_top_logit_down():
     _, labels = random_batch()
     flat = torch.full((2, 5, 4), 3.0)
-    assert float(pdu_loss(LossInputs(flat, labels, defer_retain=True), PDUParams())[0]) == 0.0
+    assert float(pdu_loss(LossInputs(flat, labels), PDUParams())[0]) == 0.0
     logits = torch.zeros(1, 2, 3, requires_grad=True)
     with torch.no_grad():
         logits[0, 0, 0] = 3.0  # margin 3 - 1 = 2, loss 4; d/dz_top = 2*2*(1 - 1/3)
-    pdu_loss(LossInputs(logits, torch.tensor([[-100, 1]]), defer_retain=True), PDUParams())[
-        0
-    ].backward()
+    pdu_loss(LossInputs(logits, torch.tensor([[-100, 1]])), PDUParams())[0].backward()
     assert logits.grad[0, 0].tolist() == pytest.approx([8 / 3, -4 / 3, -4 / 3])
     assert logits.grad[0, 1].tolist() == [0.0, 0.0, 0.0]  # predicts no answer token
 
@@ -85,11 +84,13 @@ def test_pdu_retain_term_is_weighted_by_the_dual():
     retain_nll = float(losses.nll(r_logits, r_labels))
     forget = hand_margin(logits, labels)
     inputs = LossInputs(logits, labels, r_logits, r_labels, state={"dual": 7.0})
-    loss, logs = pdu_loss(inputs, PDUParams())
+    loss, logs = objective(PDU, inputs, PDUParams())
     assert logs["retain_loss"] == pytest.approx(retain_nll, rel=1e-6)
     assert float(loss) == pytest.approx(forget + 7.0 * retain_nll, rel=1e-5)
     # no state (a call outside the loop): the initial dual
-    loss, _ = pdu_loss(LossInputs(logits, labels, r_logits, r_labels), PDUParams(dual_init=3.0))
+    loss, _ = objective(
+        PDU, LossInputs(logits, labels, r_logits, r_labels), PDUParams(dual_init=3.0)
+    )
     assert float(loss) == pytest.approx(forget + 3.0 * retain_nll, rel=1e-5)
 
 

@@ -18,6 +18,7 @@ from unlearn.data import Example
 from unlearn.errors import UnlearnError
 from unlearn.methods import METHODS, build_params, rmu
 from unlearn.methods.base import LossInputs
+from unlearn.methods.retain import objective
 from unlearn.methods.rmu import (
     RMUParams,
     activation_mse,
@@ -103,11 +104,10 @@ def test_retain_term_matches_hand_computation_and_is_added_unless_deferred():
     assert float(x.grad[2].abs().sum()) == 0.0  # a row without answer tokens carries no loss
 
     params = RMUParams(layer=1, alpha=7.0, gamma=2.0)
-    joint, logs = rmu_loss(inputs, params)
+    joint, logs = objective(rmu.METHOD, inputs, params)
     assert float(joint.detach()) == pytest.approx(2 * logs["forget_loss"] + 7 * expected, rel=1e-6)
     assert logs["retain_loss"] == pytest.approx(expected, rel=1e-6)
-    inputs.defer_retain = True  # the loop backpropagates the declared term in a pass of its own
-    alone, _ = rmu_loss(inputs, params)
+    alone, _ = rmu_loss(inputs, params)  # the method's loss is its forget term only
     assert float(alone.detach()) == pytest.approx(2 * logs["forget_loss"], rel=1e-6)
     declared = rmu.METHOD.needs(params).retain
     assert float(declared.loss(inputs).detach()) == pytest.approx(expected, rel=1e-6)

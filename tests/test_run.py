@@ -8,7 +8,7 @@ import torch
 from unlearn.config import PromptConfig
 from unlearn.data import Example
 from unlearn.prompts import PromptFormatter, tokenize_examples
-from unlearn.train.run import mean_nll
+from unlearn.train.nll_check import mean_nll
 
 
 def test_batched_trimmed_nll_check_matches_per_sequence_forwards(tiny_model_dir):

@@ -17,8 +17,8 @@ from unlearn.errors import TrainingDiverged, UnlearnError
 from unlearn.methods import METHODS, get_method
 from unlearn.methods.base import Method
 from unlearn.prompts import PromptFormatter, collate, tokenize_examples
-from unlearn.train.loop import latest_checkpoint, plan_steps, retain_stream, train
-from unlearn.train.run import mean_nll
+from unlearn.train.loop import TrainJob, latest_checkpoint, plan_steps, retain_stream, train
+from unlearn.train.nll_check import mean_nll
 
 FAST = ["train.progress=false", "train.batch_size=2"]
 
@@ -242,13 +242,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path)
     broken = Method("flaky", "test", real.params, flaky, "none")
     with pytest.raises(TrainingDiverged, match="step 3: loss is nan") as info:
         train(
-            model,
-            broken,
-            real.params(),
-            items,
-            TrainConfig(batch_size=1, max_steps=4, progress=False),
-            tmp_path,
-            tok.pad_token_id,
+            TrainJob(
+                model,
+                broken,
+                real.params(),
+                items,
+                TrainConfig(batch_size=1, max_steps=4, progress=False),
+                tmp_path,
+                tok.pad_token_id,
+            )
         )
     ckpt, step = latest_checkpoint(tmp_path)
     assert step == 2 and str(ckpt) in str(info.value)
@@ -288,11 +290,12 @@ def test_output_folder_rules(target_dir, qa_files, tmp_path):
     assert (foreign / "precious.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("name", ["grad_diff", "npo", "simnpo", "idk_nll"])
-def test_deferred_retain_pass_adds_up_to_the_joint_loss(name):
-    """The loop's two backward passes (forget, then alpha*retain) equal one on the joint loss."""
+@pytest.mark.parametrize("name", ["grad_diff", "npo", "simnpo", "idk_nll", "wga", "satimp"])
+def test_a_methods_loss_is_its_forget_term_and_the_retain_term_is_the_declared_one(name):
+    """The retain term is stated once (`needs().retain`): a method's loss ignores retain inputs,
+    and the loop's forget pass plus its weighted retain pass is the method's whole objective."""
     from unlearn.methods.base import LossInputs
-    from unlearn.methods.retain import retain_term
+    from unlearn.methods.retain import objective, retain_term
 
     torch.manual_seed(0)
     f_logits, r_logits = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
@@ -301,16 +304,16 @@ def test_deferred_retain_pass_adds_up_to_the_joint_loss(name):
     method = get_method(name)
     params = method.params()
     ref = torch.tensor([-9.0, -8.0])
-    joint, _ = method.loss(LossInputs(f_logits, f_labels, r_logits, r_labels, ref), params)
-    forget_part, _ = method.loss(
-        LossInputs(f_logits, f_labels, ref_forget_logp=ref, defer_retain=True), params
-    )
+    with_retain = LossInputs(f_logits, f_labels, r_logits, r_labels, ref)
+    forget_part, _ = method.loss(LossInputs(f_logits, f_labels, ref_forget_logp=ref), params)
+    assert float(method.loss(with_retain, params)[0]) == float(forget_part)
     term = method.needs(params).retain
     retain_part = term.weight * retain_term(
         term.kind, LossInputs(r_logits, r_labels, r_logits, r_labels)
     )
+    joint, logs = objective(method, with_retain, params)
     assert float(forget_part + retain_part) == pytest.approx(float(joint), rel=1e-6)
-    assert float(retain_part) != 0
+    assert float(retain_part) != 0 and logs["retain_loss"] > 0
 
 
 # ---- bugs when things go wrong (issue 7) --------------------------------------------------------
@@ -369,14 +372,22 @@ def test_ctrl_c_right_after_resume_keeps_the_newest_checkpoint(tiny_model_dir, t
             raise KeyboardInterrupt
 
     with pytest.raises(UnlearnError, match="after step 4"):
-        train(model, real, real.params(), items, cfg, tmp_path, tok.pad_token_id, callbacks=[stop])
+        train(
+            TrainJob(
+                model, real, real.params(), items, cfg, tmp_path, tok.pad_token_id, callbacks=[stop]
+            )
+        )
 
     def interrupted(inputs, params):
         raise KeyboardInterrupt
 
     broken = Method("grad_ascent", "test", real.params, interrupted, "none")
     with pytest.raises(UnlearnError, match="after step 4"):
-        train(model, broken, real.params(), items, cfg, tmp_path, tok.pad_token_id, resume=True)
+        train(
+            TrainJob(
+                model, broken, real.params(), items, cfg, tmp_path, tok.pad_token_id, resume=True
+            )
+        )
     assert latest_checkpoint(tmp_path)[1] == 4
 
 
@@ -396,7 +407,7 @@ def test_nan_gradient_is_caught_without_clipping(tiny_model_dir, tmp_path):
     broken = Method("nan_grad", "test", real.params, nan_grad, "none")
     cfg = TrainConfig(batch_size=1, max_steps=4, max_grad_norm=0.0, progress=False)
     with pytest.raises(TrainingDiverged, match="step 3: gradient norm is nan"):
-        train(model, broken, real.params(), items, cfg, tmp_path, tok.pad_token_id)
+        train(TrainJob(model, broken, real.params(), items, cfg, tmp_path, tok.pad_token_id))
     assert latest_checkpoint(tmp_path)[1] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -417,16 +428,16 @@ class _NoParams:
 
 def _run(model, tok, items, method, tmp_path, **kw):
     cfg = TrainConfig(batch_size=2, max_steps=2, progress=False, lr=1e-2, **kw.pop("cfg", {}))
-    return train(model, method, _NoParams(), items, cfg, tmp_path, tok.pad_token_id, **kw)
+    return train(TrainJob(model, method, _NoParams(), items, cfg, tmp_path, tok.pad_token_id, **kw))
 
 
 def test_cached_reference_values_come_from_the_start_without_a_second_model(
     tiny_model_dir, tmp_path, monkeypatch
 ):
     """sequence log-prob, per-token log-probs and logits of the starting model, in one pass."""
-    import unlearn.train.loop as loop
+    import unlearn.train.setup as train_setup
 
-    monkeypatch.setattr(loop, "frozen_copy", lambda *a: pytest.fail("kept a second model"))
+    monkeypatch.setattr(train_setup, "frozen_copy", lambda *a: pytest.fail("kept a second model"))
     model, tok, _, items = _tiny(tiny_model_dir)
     seen = []
 
@@ -558,7 +569,7 @@ def test_deepspeed_and_fsdp_are_refused_in_one_line(kind):
 
     from accelerate.utils import DistributedType
 
-    from unlearn.train.loop import _refuse_unsupported
+    from unlearn.train.setup import refuse_unsupported as _refuse_unsupported
 
     with pytest.raises(UnlearnError, match=r"not supported yet.*DDP"):
         _refuse_unsupported(SimpleNamespace(distributed_type=DistributedType[kind]))
@@ -577,25 +588,25 @@ def test_shared_prefix_and_kept_logits_change_nothing(
     pads it, `packed=False`) and computes logits from the position before its first answer token
     on; the weights after training equal those of a run that feeds every row whole and computes
     logits at every position."""
-    import unlearn.train.loop as loop
+    import unlearn.forward as fwd
 
     forget, retain = qa_files
     over = [*FAST, "train.lr=1e-3", "train.max_steps=3", "train.nll_check=false"]
     shared_calls = []
-    fn = "_packed_forward" if packed else "_prefix_forward"
-    original = getattr(loop, fn)
+    fn = "packed_forward" if packed else "prefix_forward"
+    original = getattr(fwd, fn)
 
     def counted(*args):
         shared_calls.append(args[2])
         return original(*args)
 
-    monkeypatch.setattr(loop, fn, counted)
+    monkeypatch.setattr(fwd, fn, counted)
     if not packed:
-        monkeypatch.setattr(loop, "_can_pack", lambda a, m: False)
+        monkeypatch.setattr(fwd, "uses_sdpa", lambda m: False)
     runs = {}
     for fast in (True, False):
-        monkeypatch.setattr(loop, "takes_logits_to_keep", lambda m, fast=fast: fast)
-        monkeypatch.setattr(loop, "_can_share_prefix", lambda a, m, fast=fast: fast)
+        monkeypatch.setattr(fwd, "takes_logits_to_keep", lambda m, fast=fast: fast)
+        monkeypatch.setattr(fwd, "takes_cache", lambda m, fast=fast: fast)
         out = tmp_path / f"fast-{fast}"
         if name == "finetune":
             unlearn.finetune(str(target_dir), str(forget), str(out), overrides=over)
@@ -625,7 +636,9 @@ def test_shared_prefix_gives_the_kl_retain_term_and_its_gradients(tiny_model_dir
     scales to updates of ~lr/10 whichever path made it, so trained weights are no test here.)"""
     import copy
 
-    from unlearn.train.loop import _prefix_forward, _shared_prefix, kept_positions
+    from unlearn.forward import kept_positions
+    from unlearn.forward import prefix_forward as _prefix_forward
+    from unlearn.forward import shared_prefix as _shared_prefix
 
     model, tok, _, items = _tiny(tiny_model_dir, 3)
     ref = copy.deepcopy(model).eval()
@@ -660,7 +673,7 @@ def test_shared_prefix_gives_the_kl_retain_term_and_its_gradients(tiny_model_dir
 
 
 def test_shared_prefix_length():
-    from unlearn.train.loop import _shared_prefix
+    from unlearn.forward import shared_prefix as _shared_prefix
 
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0], [1, 2, 3, 4, 5, 9, 9, 9]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0], [1] * 8])
@@ -673,7 +686,7 @@ def test_shared_prefix_length():
 
 
 def test_kept_positions_start_one_before_the_first_scored_token():
-    from unlearn.train.loop import kept_positions
+    from unlearn.forward import kept_positions
 
     labels = torch.tensor([[-100, -100, -100, 5, 6], [-100, -100, -100, -100, 7]])
     assert kept_positions(labels) == 3  # positions 2..4: position 2 predicts the first answer token

@@ -202,9 +202,9 @@ def test_two_steps_raise_the_forget_nll(
     comes from cached logits (at step 1 equal to the model's own, at step 2 not), never from a
     frozen second model."""
     import unlearn.methods as methods
-    import unlearn.train.loop as loop
+    import unlearn.train.setup as train_setup
 
-    monkeypatch.setattr(loop, "frozen_copy", lambda *a: pytest.fail("kept a second model"))
+    monkeypatch.setattr(train_setup, "frozen_copy", lambda *a: pytest.fail("kept a second model"))
     method, same = methods.METHODS[name], []
 
     def checking_loss(inputs, params):

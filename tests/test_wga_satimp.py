@@ -12,7 +12,10 @@ import unlearn
 from unlearn.errors import UnlearnError
 from unlearn.methods import build_params, describe_methods
 from unlearn.methods.base import LossInputs
+from unlearn.methods.retain import objective
+from unlearn.methods.satimp import METHOD as SATIMP
 from unlearn.methods.satimp import SatImpParams, satimp_loss
+from unlearn.methods.wga import METHOD as WGA
 from unlearn.methods.wga import WGAParams, wga_loss
 
 FAST = ["train.progress=false", "train.batch_size=2"]
@@ -82,9 +85,9 @@ def test_retain_term_is_added():
     logits, labels = random_batch()
     r_logits, r_labels = random_batch(2)
     inputs = LossInputs(logits, labels, r_logits, r_labels)
-    loss, logs = satimp_loss(inputs, SatImpParams())
+    loss, logs = objective(SATIMP, inputs, SatImpParams())
     assert float(loss) == pytest.approx(logs["forget_loss"] + 0.1 * logs["retain_loss"], rel=1e-5)
-    loss, logs = wga_loss(inputs, WGAParams(gamma=2.0))
+    loss, logs = objective(WGA, inputs, WGAParams(gamma=2.0))
     assert float(loss) == pytest.approx(2 * logs["forget_loss"] + logs["retain_loss"], rel=1e-5)
 
 

@@ -22,7 +22,7 @@ from unlearn.config import (
     load_yaml,
 )
 from unlearn.train.loop import StepCallback
-from unlearn.train.run import Plan, RunResult, execute, plan_run
+from unlearn.train.recipe import Plan, RunResult, execute, plan_run
 
 if TYPE_CHECKING:
     from unlearn.eval.suites.builders import Suite

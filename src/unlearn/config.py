@@ -137,6 +137,10 @@ class LocalizeConfig:
     noise_std: Gaussian noise, in units of each tensor's weight std, added to the selected
         weights before fine-tuning (GRIN's noise injection); 0 disables. Off by default: on the
         measured setup every noise level cost utility and bought no forgetting.
+    reference: with noise_std > 0, which model every starting-model value a method compares
+        against is taken from: "clean" (the model before the noise) or "noised" (after it). It
+        applies alike to NPO/DPO log-probs, the KL retain model, UNDIAL's teacher, WHP's labels,
+        RMU's frozen activations and the task vector's start (docs/methods/grin.md).
     train_all: after the noise, let every weight train (default: only the selected ones move).
     mask: a saved mask (a `unlearn localize` output folder or its mask.safetensors) used instead
         of scoring; it must come from the same model.
@@ -157,6 +161,7 @@ class LocalizeConfig:
     retain_size: int | None = None
     eps: float = 1e-8
     noise_std: float = 0.0
+    reference: Literal["clean", "noised"] = "clean"
     train_all: bool = False
     mask: str | None = None
     scores: bool = False

@@ -26,9 +26,9 @@ from typing import Literal
 import torch
 
 from unlearn.errors import UnlearnError
+from unlearn.forward import kept_positions, takes_logits_to_keep
 from unlearn.losses import IGNORE_INDEX
 from unlearn.prompts import Tokenized, collate
-from unlearn.train.reference import kept_positions, takes_logits_to_keep
 
 Accumulate = Literal["abs_sum", "sum_abs", "squared"]
 

@@ -137,9 +137,6 @@ class LossInputs:
     forget_hidden / retain_hidden / ref_forget_hidden / ref_retain_hidden: {layer: [B, T, H]}.
     state: the method's state before this step (`Method.init_state`), read-only.
     prepared: what `Method.prepare` returned (the same object for every batch), or None.
-    defer_retain: set by the training loop, which backpropagates the retain term in a pass of its
-        own so that the forget and retain batches' activations are never in memory together; the
-        method's loss then returns only its forget part (see `retain.weighted_retain`).
     """
 
     forget_logits: torch.Tensor | None
@@ -148,7 +145,6 @@ class LossInputs:
     retain_labels: torch.Tensor | None = None
     ref_forget_logp: torch.Tensor | None = None
     ref_retain_logits: torch.Tensor | None = None
-    defer_retain: bool = False
     ref_forget: dict[str, torch.Tensor] = field(default_factory=dict)
     second_logits: torch.Tensor | None = None
     second_labels: torch.Tensor | None = None
@@ -193,7 +189,9 @@ class Method:
     name: CLI name (`--method npo`).
     summary: one line for `unlearn methods`.
     params: the frozen hyperparameter dataclass; every field has the paper's default.
-    loss: (LossInputs, params) -> (scalar loss to minimise, {term name: float} to log).
+    loss: (LossInputs, params) -> (the forget term to minimise, {term name: float} to log). The
+        retain term is not part of it: it is declared once (`needs(params).retain`) and the loop
+        adds it, on its own batch and in a backward pass of its own.
     citation: where the defaults and the formula come from.
     needs: params -> Needs, what the loop must provide (default: the forget logits only).
     forget_targets: (forget examples, params, seed) -> the answer to train on for each example,

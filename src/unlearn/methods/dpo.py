@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from unlearn import losses
 from unlearn.errors import UnlearnError
 from unlearn.methods.base import LossInputs, Method, Needs
-from unlearn.methods.retain import check_weights, retain_spec, weighted_retain
+from unlearn.methods.retain import check_weights, retain_spec
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,7 @@ def dpo_loss(inputs: LossInputs, params: Any) -> tuple[torch.Tensor, dict[str, f
         "forget_nll": float(-lose_logp.detach().sum() / lose_len.sum().clamp(min=1)),
         "preferred_nll": float(losses.nll(inputs.second_logits.detach(), inputs.second_labels)),
     }
-    retain = weighted_retain(params.retain_loss, params.alpha, inputs, logs)
-    return params.gamma * forget + retain, logs
+    return params.gamma * forget, logs
 
 
 def dpo_needs(params: Any) -> Needs:

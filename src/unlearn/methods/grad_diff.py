@@ -16,7 +16,7 @@ import torch
 
 from unlearn import losses
 from unlearn.methods.base import LossInputs, Method, Needs
-from unlearn.methods.retain import check_weights, retain_spec, weighted_retain
+from unlearn.methods.retain import check_weights, retain_spec
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,7 @@ def grad_diff_loss(
     """Ascent on forget, descent on retain; the retain term is what keeps the model usable."""
     forget_nll = losses.nll(inputs.forget_logits, inputs.forget_labels)
     logs = {"forget_nll": float(forget_nll.detach())}
-    retain = weighted_retain(params.retain_loss, params.alpha, inputs, logs)
-    return -params.gamma * forget_nll + retain, logs
+    return -params.gamma * forget_nll, logs
 
 
 METHOD = Method(

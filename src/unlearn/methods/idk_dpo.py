@@ -3,8 +3,9 @@
     L = gamma * -(2/beta) * mean_b log sigmoid(beta * (w_refusal - l_answer)) + alpha * R(retain)
 
 The loss is `unlearn.methods.dpo`'s; only the preferred answers differ: one refusal per forget
-example, picked as IdkNLL picks them (`idk_nll.refusals_for`, stable per index and seed). TOFU
-(Maini et al. 2024, arXiv:2401.06121) calls it "preference optimization"; OpenUnlearning names it
+example, picked as IdkNLL picks them (`idk_nll.refusals_for`, stable per index and seed). It is
+DPO (Rafailov et al. 2023, arXiv:2305.18290) with refusals, not TOFU's "preference optimization"
+(that is IdkNLL, the `idk` loss of TOFU's code, and GRIN's/WAGLE's "PO"). OpenUnlearning names it
 IdkDPO and runs it as its DPO trainer on TOFU_QA_forget_idk data (configs/experiment/unlearn/tofu/
 idk.yaml with configs/trainer/DPO.yaml), so the defaults are DPO's. Unlike OpenUnlearning, which
 draws a fresh random refusal each time an example is loaded, each example keeps one refusal for the
@@ -44,12 +45,12 @@ def refusal_preferred(examples: Sequence[Any], params: IdkDPOParams, seed: int) 
 
 METHOD = Method(
     name="idk_dpo",
-    summary="prefer a refusal over the answer to forget (DPO), plus a retain term",
+    summary="DPO preferring a refusal over the forget answer, plus a retain term (IdkDPO)",
     params=IdkDPOParams,
     loss=dpo_loss,
     citation=(
-        "Maini et al. 2024, TOFU, arXiv:2401.06121 (preference optimization); OpenUnlearning "
-        "IdkDPO = DPO.yaml on TOFU_QA_forget_idk; Rafailov et al. 2023, arXiv:2305.18290"
+        "Rafailov et al. 2023, DPO, arXiv:2305.18290; OpenUnlearning IdkDPO = DPO.yaml on "
+        "TOFU_QA_forget_idk (refusals from TOFU, arXiv:2401.06121; not TOFU's PO, see idk_nll)"
     ),
     needs=dpo_needs,
     second_targets=refusal_preferred,

@@ -5,9 +5,11 @@
 The forget answers are replaced by refusal sentences before batching (the `forget_targets` hook,
 `refusal_targets` below, picks them with `unlearn.refusals.pick_refusal`), so the forget term is
 ordinary NLL.
-This is TOFU's "IDK" baseline (Maini et al. 2024, arXiv:2401.06121), there with both terms weighted
-equally and an NLL retain term (the "idk" loss of TOFU's code). Unlike gradient ascent it has a
-well-defined optimum, so it cannot collapse the model, but the knowledge may only be masked.
+This is TOFU's "Preference Optimization" baseline (Maini et al. 2024, arXiv:2401.06121; the `idk`
+loss of TOFU's code, there with both terms weighted equally and an NLL retain term), and the "PO"
+of GRIN and WAGLE. It is not DPO (for that with refusals see `idk_dpo`). Unlike gradient ascent
+it has a well-defined optimum, so it cannot collapse the model, but the knowledge may only be
+masked.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from unlearn import losses
 from unlearn.errors import UnlearnError
 from unlearn.methods.base import LossInputs, Method, Needs
-from unlearn.methods.retain import check_weights, retain_spec, weighted_retain
+from unlearn.methods.retain import check_weights, retain_spec
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,7 @@ def idk_nll_loss(inputs: LossInputs, params: IdkNLLParams) -> tuple[torch.Tensor
     """The batch already carries refusals, so fitting it is the whole forget objective."""
     refusal_nll = losses.nll(inputs.forget_logits, inputs.forget_labels)
     logs = {"refusal_nll": float(refusal_nll.detach())}
-    retain = weighted_retain(params.retain_loss, params.alpha, inputs, logs)
-    return params.gamma * refusal_nll + retain, logs
+    return params.gamma * refusal_nll, logs
 
 
 def refusal_targets(examples: Sequence[Any], params: IdkNLLParams, seed: int) -> list[str]:
@@ -64,10 +65,13 @@ def refusals_for(examples: Sequence[Any], path: str | None, seed: int, method: s
 
 METHOD = Method(
     name="idk_nll",
-    summary="fine-tune forget questions towards refusal answers, plus a retain term",
+    summary="NLL toward refusals on forget questions, plus a retain term (TOFU's and GRIN's PO)",
     params=IdkNLLParams,
     loss=idk_nll_loss,
-    citation='Maini et al. 2024, TOFU, arXiv:2401.06121 (IDK baseline, the "idk" loss of its code)',
+    citation=(
+        "Maini et al. 2024, TOFU, arXiv:2401.06121: its Preference Optimization baseline (the "
+        "`idk` loss in locuslab/tofu); GRIN's and WAGLE's PO"
+    ),
     needs=lambda p: Needs(retain=retain_spec(p.retain_loss, p.alpha)),
     forget_targets=refusal_targets,
 )

@@ -35,7 +35,7 @@ import torch
 
 from unlearn import losses
 from unlearn.methods.base import LossInputs, Method, Needs, RetainTerm, StepInfo
-from unlearn.methods.retain import check_weights, weighted_retain
+from unlearn.methods.retain import check_weights
 
 
 @dataclass(frozen=True)
@@ -77,21 +77,15 @@ def margin_flattening(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def pdu_loss(inputs: LossInputs, params: PDUParams) -> tuple[torch.Tensor, dict[str, float]]:
-    """gamma * margin flattening on the forget batch, plus lambda * retain NLL.
-
-    In the training loop the retain term is backpropagated separately (`defer_retain`), weighted by
-    the dual variable through `RetainTerm.state_weight`; called directly, the loss adds it itself
-    with lambda from `inputs.state` (the initial dual when the state is empty).
-    """
+    """gamma * margin flattening on the forget batch. The retain term, lambda * retain NLL, is the
+    declared one (`RetainTerm.state_weight="dual"`): the loop weights it by the dual variable."""
     if inputs.forget_logits is None:
         raise ValueError("PDU needs the forget logits (Needs.logits must be True)")
     forget = margin_flattening(inputs.forget_logits, inputs.forget_labels)
     with torch.no_grad():
         nll = losses.nll(inputs.forget_logits, inputs.forget_labels)
     logs = {"forget_loss": float(forget.detach()), "forget_nll": float(nll)}
-    dual = inputs.state.get("dual", params.dual_init)
-    retain = weighted_retain("nll", dual, inputs, logs)
-    return params.gamma * forget + retain, logs
+    return params.gamma * forget, logs
 
 
 def pdu_init_state(params: PDUParams) -> dict[str, float]:

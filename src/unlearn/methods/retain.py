@@ -8,7 +8,8 @@ it forgets. Two flavours exist:
 - "kl":  stay close to the starting model on the retain batch, L = KL(pi_ref || pi_theta) per token
   (the frozen starting model's logits come in `LossInputs.ref_retain_logits`).
 
-Methods combine this with their own forget term instead of inheriting it from a GradDiff parent.
+A method declares its term (`retain_spec`, or a `RetainTerm` of its own) and the training loop
+adds it; the method's loss returns its forget term only.
 """
 
 from __future__ import annotations
@@ -41,22 +42,6 @@ def retain_term(kind: RetainLoss, inputs: LossInputs) -> torch.Tensor:
     )
 
 
-def weighted_retain(
-    kind: RetainLoss, alpha: float, inputs: LossInputs, logs: dict[str, float]
-) -> torch.Tensor:
-    """alpha * retain_term, skipped entirely when alpha is 0 or kind is "none".
-
-    The loop only forwards a retain batch when `Method.needs_retain` says so (alpha != 0 and kind
-    != "none"), so the term must not be computed otherwise. With `defer_retain` the loop computes
-    it itself in a separate backward pass. Records the unweighted term in `logs`.
-    """
-    if alpha == 0 or kind == "none" or inputs.defer_retain:
-        return torch.zeros((), device=inputs.forget_logits.device)
-    term = retain_term(kind, inputs)
-    logs["retain_loss"] = float(term.detach())
-    return alpha * term
-
-
 def retain_spec(kind: RetainLoss, alpha: float) -> RetainTerm | None:
     """The declared retain term of a method with `alpha` / `retain_loss` hyperparameters."""
     if kind == "none" or alpha == 0:
@@ -69,3 +54,18 @@ def check_weights(**weights: float) -> None:
     for name, value in weights.items():
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def objective(method, inputs: LossInputs, params) -> tuple[torch.Tensor, dict[str, float]]:
+    """The method's forget term plus its declared retain term, both on `inputs`: the objective one
+    loop step minimises (the loop computes the two on their own batches, in separate passes).
+    For checking a method by hand; `inputs` must carry the retain fields the term reads."""
+    loss, logs = method.loss(inputs, params)
+    term = method.needs(params).retain
+    if term is None or term.weight == 0:
+        return loss, logs
+    value = term.loss(inputs) if term.loss is not None else retain_term(term.kind, inputs)  # type: ignore[arg-type]
+    logs = {**logs, "retain_loss": float(value.detach())}
+    state = inputs.state or (dict(method.init_state(params)) if method.init_state else {})
+    weight = term.weight * (state[term.state_weight] if term.state_weight else 1.0)
+    return loss + weight * value, logs

@@ -105,7 +105,7 @@ def retain_activation_term(inputs: LossInputs, layer: int) -> torch.Tensor:
 
 
 def rmu_loss(inputs: LossInputs, params: RMUParams) -> tuple[torch.Tensor, dict[str, float]]:
-    """gamma * L_f, plus alpha * L_r unless the loop backpropagates it in a pass of its own."""
+    """gamma * L_f; the retain term alpha * L_r is the declared one (`rmu_needs`)."""
     h = _hidden(inputs.forget_hidden, params.layer, "forget")
     labels = inputs.forget_labels
     target = control_vector(h.shape[-1], params.steering_coeff, params.seed).to(h.device)
@@ -114,12 +114,7 @@ def rmu_loss(inputs: LossInputs, params: RMUParams) -> tuple[torch.Tensor, dict[
         mask = (labels != -100).to(torch.float32)
         norm = (h.float().norm(dim=-1) * mask).sum() / mask.sum().clamp(min=1)
     logs = {"forget_loss": float(forget.detach()), "forget_activation_norm": float(norm)}
-    loss = params.gamma * forget
-    if params.alpha != 0 and not inputs.defer_retain:
-        retain = retain_activation_term(inputs, params.layer)
-        logs["retain_loss"] = float(retain.detach())
-        loss = loss + params.alpha * retain
-    return loss, logs
+    return params.gamma * forget, logs
 
 
 def rmu_needs(params: RMUParams) -> Needs:

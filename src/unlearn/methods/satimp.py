@@ -27,7 +27,7 @@ import torch
 
 from unlearn import losses
 from unlearn.methods.base import LossInputs, Method, Needs
-from unlearn.methods.retain import check_weights, retain_spec, weighted_retain
+from unlearn.methods.retain import check_weights, retain_spec
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,7 @@ def satimp_loss(inputs: LossInputs, params: SatImpParams) -> tuple[torch.Tensor,
         "forget_nll": float(-logp.detach().sum() / count),
         "token_weight": float(weight.sum() / count),
     }
-    retain = weighted_retain(params.retain_loss, params.alpha, inputs, logs)
-    return params.gamma * forget + retain, logs
+    return params.gamma * forget, logs
 
 
 METHOD = Method(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from unlearn import losses
 from unlearn.methods.base import LossInputs, Method, Needs
-from unlearn.methods.retain import check_weights, retain_spec, weighted_retain
+from unlearn.methods.retain import check_weights, retain_spec
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,7 @@ def simnpo_loss(inputs: LossInputs, params: SimNPOParams) -> tuple[torch.Tensor,
         "forget_loss": float(forget.detach()),
         "forget_nll": float(-logp.detach().sum() / length.sum().clamp(min=1)),
     }
-    retain = weighted_retain(params.retain_loss, params.alpha, inputs, logs)
-    return params.gamma * forget + retain, logs
+    return params.gamma * forget, logs
 
 
 METHOD = Method(

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from unlearn import losses
 from unlearn.methods.base import LossInputs, Method, Needs
-from unlearn.methods.retain import check_weights, retain_spec, weighted_retain
+from unlearn.methods.retain import check_weights, retain_spec
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,7 @@ def undial_loss(inputs: LossInputs, params: UNDIALParams) -> tuple[torch.Tensor,
         "forget_loss": float(forget.detach()),
         "forget_nll": float(losses.nll(inputs.forget_logits.detach(), inputs.forget_labels)),
     }
-    retain = weighted_retain(params.retain_loss, params.alpha, inputs, logs)
-    return params.gamma * forget + retain, logs
+    return params.gamma * forget, logs
 
 
 METHOD = Method(

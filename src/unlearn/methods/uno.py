@@ -28,7 +28,7 @@ import torch
 
 from unlearn import losses
 from unlearn.methods.base import LossInputs, Method, Needs
-from unlearn.methods.retain import check_weights, retain_spec, weighted_retain
+from unlearn.methods.retain import check_weights, retain_spec
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,7 @@ def forget_ascent_loss(
         raise ValueError("this method needs the forget logits (Needs.logits)")
     forget_nll = losses.nll(inputs.forget_logits, inputs.forget_labels)
     logs = {"forget_nll": float(forget_nll.detach())}
-    retain = weighted_retain(retain_loss, alpha, inputs, logs)
-    return -gamma * forget_nll + retain, logs
+    return -gamma * forget_nll, logs
 
 
 def uno_loss(inputs: LossInputs, params: UNOParams) -> tuple[torch.Tensor, dict[str, float]]:

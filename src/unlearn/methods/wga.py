@@ -26,7 +26,7 @@ import torch
 
 from unlearn import losses
 from unlearn.methods.base import LossInputs, Method, Needs
-from unlearn.methods.retain import check_weights, retain_spec, weighted_retain
+from unlearn.methods.retain import check_weights, retain_spec
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,7 @@ def wga_loss(inputs: LossInputs, params: WGAParams) -> tuple[torch.Tensor, dict[
         "forget_nll": float(-logp.detach().sum() / count),
         "token_weight": float(((logp.detach().exp() ** params.beta) * mask).sum() / count),
     }
-    retain = weighted_retain(params.retain_loss, params.alpha, inputs, logs)
-    return params.gamma * forget + retain, logs
+    return params.gamma * forget, logs
 
 
 METHOD = Method(

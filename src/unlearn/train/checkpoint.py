@@ -164,3 +164,18 @@ def apply_allowed(changes: dict[str, Any], optimizer, scheduler) -> None:
         group["initial_lr"] = lr
         group["lr"] = lr * factor
     inner._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def check_resume_settings(output: Path, settings: dict[str, Any]) -> None:
+    """Refuse a resume whose `settings` (dotted keys outside train/method, e.g. `localize.*`)
+    differ from the checkpoint's, before the run writes anything (config.yaml included)."""
+    found = latest_checkpoint(output)
+    if found is None:
+        return
+    saved = read_progress(found[0]).get("config")
+    if saved is None:
+        return
+    now = json.loads(json.dumps(settings, default=str))
+    prefixes = {k.split(".", 1)[0] + "." for k in now}
+    ours = {k: v for k, v in saved.items() if any(k.startswith(p) for p in prefixes)}
+    check_resume(ours, now, found[0])

@@ -10,10 +10,10 @@ accelerate on this process's device.
 from __future__ import annotations
 
 import copy
-import inspect
 
 import torch
 
+from unlearn.forward import kept_positions, takes_logits_to_keep
 from unlearn.losses import IGNORE_INDEX, token_logprobs
 from unlearn.prompts import Tokenized, collate
 
@@ -50,7 +50,7 @@ def reference_values(
         labels = batch.pop("labels")
         keep = kept_positions(labels) if takes_logits_to_keep(model) else None
         if kinds == ("sequence_logp",) and keep is not None:
-            # a sum over answer tokens needs no logits at prompt positions (see loop._forward)
+            # a sum over answer tokens needs no logits at prompt positions (see train.batches)
             logits = model(**batch, logits_to_keep=keep).logits
             logp, _ = token_logprobs(logits, labels[:, -keep:])
         else:
@@ -71,20 +71,6 @@ def reference_values(
     return out
 
 
-def takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the model can compute logits for its last positions only (`logits_to_keep`)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def kept_positions(labels: torch.Tensor) -> int | None:
-    """How many last positions hold every prediction of a scored token, or None for all."""
-    scored = (labels != IGNORE_INDEX).any(0).nonzero()
-    if not len(scored):
-        return None
-    first = int(scored[0])
-    return labels.shape[1] - max(first - 1, 0) if first > 1 else None
-
-
 def reference_logps(
     model: torch.nn.Module, items: list[Tokenized], pad_id: int, batch_size: int = 8
 ) -> torch.Tensor:
@@ -101,7 +87,7 @@ def batch_values(
     kept: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The cached values of a micro-batch, right-padded with zeros to its collated `width`, and
-    cut to the last `kept` positions when the batch's logits were (see `loop._forward`)."""
+    cut to the last `kept` positions when the batch's logits were (see `train.batches`)."""
     out: dict[str, torch.Tensor] = {}
     for kind, per_item in values.items():
         if kind.endswith(":start"):

@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from unlearn.eval.records.batching import PassStats, left_pad, positions, token_budget_batches
 from unlearn.eval.records.prefix import _keep_last, shareable
-from unlearn.kvcache import cache_of, past
+from unlearn.forward import cache_of, past
 from unlearn.prompts import PromptFormatter
 
 # Rows decoded together. Measured on SmolLM2-135M, 2-core CPU, 200 new tokens, 128 TOFU retain

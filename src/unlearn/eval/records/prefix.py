@@ -12,7 +12,6 @@ answer's last token is never fed: nothing reads its prediction. docs/eval_speed.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from unlearn.eval.records.batching import PassStats, left_pad, positions, token_budget_batches
 from unlearn.eval.records.scores import Score, ScoreItem, flat_scores, token_scores
-from unlearn.kvcache import cache_of, past
+from unlearn.forward import cache_of, past, takes_logits_to_keep
 from unlearn.losses import IGNORE_INDEX
 
 Group = list[tuple[int, list[int]]]  # a prompt's answers: (item index, scored token ids)
@@ -81,11 +80,7 @@ def tree_mask_kind(model) -> str | None:
 
 def _keep_last(model) -> dict:
     """Ask for the last position's logits only, where the model can."""
-    return (
-        {"logits_to_keep": 1}
-        if "logits_to_keep" in inspect.signature(model.forward).parameters
-        else {}
-    )
+    return {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
 
 
 def run_prompts(

@@ -1,0 +1,69 @@
+"""What a finished run records about itself (`unlearn.json`): where the model and data came from
+(ids and hashes, never the forget text), the settings, the seconds of every phase, the numbers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from unlearn.config import DataConfig
+from unlearn.data import Example, dataset_hash, manifest_entries
+
+#: Where `unlearn forget` writes its localization (mask, summary, heatmap) inside the run folder.
+LOCALIZATION_DIR = "localization"
+
+
+def base_model_record(resolved, source: str, cache: Path) -> dict[str, Any]:
+    from unlearn.models import file_sha256, hash_model_files
+
+    record: dict[str, Any] = {"spec": resolved.spec, "kind": resolved.kind}
+    if resolved.kind in ("alias", "gguf"):
+        record["sha256"] = file_sha256(resolved.path, cache)
+        record["hashed"] = Path(resolved.path).name
+    elif resolved.kind == "local":
+        record["sha256"] = hash_model_files(source, cache)
+    else:
+        record["sha256"] = None
+        record["note"] = "hub model: identified by id and revision"
+    return record
+
+
+def localization_record(loc) -> dict[str, Any] | None:
+    if loc is None:
+        return None
+    keep = ("method", "selected", "scored", "fraction", "seconds", "peak_memory_mb", "experts")
+    record = {k: loc.info[k] for k in keep if k in loc.info}
+    record["folder"] = LOCALIZATION_DIR
+    record["train_all"] = loc.train_all
+    record["noise_tensors"] = len(loc.noise)
+    if "loaded_from" in loc.info:
+        record["loaded_from"] = loc.info["loaded_from"]
+    return record
+
+
+class Clock:
+    """Wall seconds per phase of a run (a phase seen twice, like the NLL check, adds up)."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self.mark, 2)
+        self.mark = now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 2)
+
+
+def data_record(cfg: DataConfig | None, examples: list[Example] | None) -> dict[str, Any]:
+    assert cfg is not None and examples is not None
+    return {
+        "source": cfg.path,
+        "kind": examples[0].kind,
+        "n": len(examples),
+        "sha256": dataset_hash(examples),
+        "examples": manifest_entries(examples),
+    }

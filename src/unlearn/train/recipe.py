@@ -1,0 +1,331 @@
+"""The recipe of one training run from a validated config: plan it, load the model, tokenize,
+check the NLL, localize, train, check again, save, write the manifest.
+
+`unlearn.api.forget` / `finetune` resolve the config and call `plan_run` then `execute`; the CLI goes
+through the same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unlearn.config import RunConfig, to_dict, validate_localize, validate_train
+from unlearn.data import Example, load_examples
+from unlearn.errors import UnlearnError
+from unlearn.methods import build_params, get_method
+from unlearn.methods.base import Method
+from unlearn.outputs import (
+    CONFIG_FILE,
+    MANIFEST,
+    atomic_write_json,
+    atomic_write_text,
+    prepare_output,
+    save_model,
+    versions,
+)
+from unlearn.prompts import PromptFormatter, Tokenized, tokenize_examples
+from unlearn.train.checkpoint import CHECKPOINTS, check_resume_settings
+from unlearn.train.job import StepCallback, TrainJob
+from unlearn.train.loop import train
+from unlearn.train.manifest import (
+    LOCALIZATION_DIR,
+    Clock,
+    base_model_record,
+    data_record,
+    localization_record,
+)
+from unlearn.train.nll_check import NLL_CHECK_SEQUENCES, nll_pair, reference_covers, reference_nll
+from unlearn.train.schedule import plan_steps
+
+
+@dataclass
+class RunResult:
+    """What a run returns: where the model is and the numbers a caller usually wants next."""
+
+    output: Path
+    metrics: dict[str, Any]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """A validated run, before any model is loaded (what `--dry-run` prints)."""
+
+    config: RunConfig
+    method: Method
+    params: Any
+    forget: list[Example]
+    retain: list[Example] | None
+    command: str
+
+    def describe(self) -> dict[str, Any]:
+        """Everything the run will do, resolved: model placement, method, prompt and training."""
+        from unlearn.models import describe_placement, resolve_model
+
+        cfg = self.config
+        resolved = resolve_model(cfg.model)
+        n_steps = len(plan_steps(max(len(self.forget), 1), cfg.train))
+        return {
+            "command": self.command,
+            "model": {
+                "spec": resolved.spec,
+                "kind": resolved.kind,
+                "source": resolved.path,
+                **describe_placement(cfg.model, resolved),
+            },
+            "method": self.method.name,
+            "hyperparameters": dataclasses.asdict(self.params),
+            "prompt": to_dict(cfg.prompt),
+            "train": {**to_dict(cfg.train), "warmup_steps": cfg.train.num_warmup_steps(n_steps)},
+            "forget_examples": len(self.forget),
+            "retain_examples": len(self.retain) if self.retain is not None else 0,
+            "uses_retain": self.method.needs_retain(self.params),
+            "keeps_reference_model": self.method.needs_reference_model(self.params),
+            "caches_reference_values": list(self.method.needs(self.params).reference),
+            "optimizer_steps": n_steps,
+            "localize": to_dict(cfg.localize) if cfg.localize.active else None,
+            "output": self.config.output,
+        }
+
+
+def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:
+    """Validate everything that can be checked without loading a model."""
+    method_cfg = dict(cfg.method)
+    method = get_method(method_cfg.pop("name"))
+    params = build_params(method, method_cfg)
+    validate_train(cfg.train)
+    validate_localize(cfg.localize)
+    if cfg.localize.active and command != "forget":
+        raise UnlearnError("the localize section applies to `unlearn forget` only")
+    if cfg.localize.mask is not None:
+        from unlearn.localization.mask import mask_file
+
+        mask_file(cfg.localize.mask)  # a missing mask fails now, not after loading the model
+    if cfg.prompt.max_length < 8:
+        raise UnlearnError(f"prompt.max_length must be at least 8, got {cfg.prompt.max_length}")
+    role = "data" if command == "finetune" else "forget"
+    forget = load_examples(cfg.forget, role)
+    retain = None
+    if cfg.retain is not None and cfg.retain.path:
+        retain = load_examples(cfg.retain, "retain")
+    if method.needs(params).second_target and method.second_targets is not None:
+        method.second_targets(forget, params, cfg.train.seed)  # a missing answer fails here
+    if command == "forget" and method.needs_retain(params) and retain is None:
+        raise UnlearnError(
+            f"method '{method.name}' has a retain term (alpha={getattr(params, 'alpha', '?')}), but "
+            "no retain data was given; pass --retain FILE, or method.alpha=0 to train without one"
+        )
+    if not cfg.output:
+        raise UnlearnError("no output folder given; pass --output DIR")
+    if cfg.localize.active:
+        from unlearn.localization.run import check_retain
+
+        check_retain(cfg.localize, retain is not None)
+    from unlearn.models import resolve_model
+
+    resolve_model(cfg.model)
+    total = len(plan_steps(max(len(forget), 1), cfg.train))
+    counted = all(e.kind == "qa" for e in forget)  # a document may yield several sequences
+    if counted and (cfg.train.warmup_steps or 0) > total:
+        raise UnlearnError(
+            f"train.warmup_steps={cfg.train.warmup_steps} is more than the run's {total} optimizer "
+            f"steps, so the learning rate would never reach train.lr; use at most {total} (or "
+            "train.warmup_ratio=1.0)"
+        )
+    return Plan(cfg, method, params, forget, retain, command)
+
+
+def resolved_config(cfg: RunConfig, params: Any) -> dict[str, Any]:
+    """The run's config with every method hyperparameter filled in (what config.yaml holds).
+
+    Written so that `--config out/config.yaml` reruns exactly this run, even after a default changes.
+    """
+    tree = to_dict(cfg)
+    tree["method"] = {
+        "name": cfg.method["name"],
+        **json.loads(json.dumps(dataclasses.asdict(params))),
+    }
+    return tree
+
+
+@dataclass
+class _Sequences:
+    """The run's tokenized data: what trains, and what the before/after NLL check scores."""
+
+    forget: list[Tokenized]
+    second: list[Tokenized] | None
+    retain: list[Tokenized] | None
+    original: list[Tokenized]  # the forget data's own answers (differs under refusal targets)
+    check_forget: list[Tokenized]
+    check_retain: list[Tokenized]
+    new_answers: bool
+
+
+def _tokenize(plan: Plan, formatter: PromptFormatter, nll_check: bool) -> _Sequences:
+    """Forget targets are the method's declaration: its hooks may replace the data's answers
+    (refusals) or add a second answer per example (DPO); see unlearn.methods.base.Method. The
+    "did it forget" numbers and localization measure the original answers, not refusal targets."""
+    seed, method, params = plan.config.train.seed, plan.method, plan.params
+    answers = method.forget_targets(plan.forget, params, seed) if method.forget_targets else None
+    forget = tokenize_examples(plan.forget, formatter, answers)
+    if not forget:
+        raise UnlearnError("the forget data produced no training sequences (documents too short?)")
+    second = None
+    if method.needs(params).second_target and method.second_targets is not None:
+        second_answers = method.second_targets(plan.forget, params, seed)
+        second = tokenize_examples(plan.forget, formatter, second_answers)
+    retain = tokenize_examples(plan.retain, formatter) if plan.retain else None
+    original = tokenize_examples(plan.forget, formatter) if answers is not None else forget
+    n = NLL_CHECK_SEQUENCES if nll_check else 0
+    return _Sequences(
+        forget, second, retain, original, original[:n], (retain or [])[:n], answers is not None
+    )
+
+
+def execute(
+    plan: Plan, callbacks: list[StepCallback] | None = None, nll_check: bool | None = None
+) -> RunResult:
+    """Load the model, train, save the model and manifest. The input model's files are only read.
+
+    `nll_check` (default: `train.nll_check`) measures forget/retain NLL before and after training.
+    Every phase's wall time goes into the manifest's `seconds`, so the cost around the loop shows.
+    """
+    from unlearn.models import load_model_and_tokenizer, resolve_model
+
+    cfg, method = plan.config, plan.method
+    nll_check = cfg.train.nll_check if nll_check is None else nll_check
+    clock = Clock()
+    resolved = resolve_model(cfg.model)
+    model_dir = resolved.path if resolved.kind == "local" else None
+    out = prepare_output(cfg.output, model_dir, cfg.overwrite, cfg.resume)
+    settings = _resume_settings(cfg)
+    if cfg.resume:  # before anything is written: a refused resume leaves the folder as it was
+        check_resume_settings(out, settings)
+    model, tokenizer, resolved = load_model_and_tokenizer(cfg.model)
+    clock.lap("load")
+    pad_id = tokenizer.pad_token_id
+    seqs = _tokenize(plan, PromptFormatter(tokenizer, cfg.prompt), nll_check)
+    clock.lap("tokenize")
+
+    # The forget half of "before" is read off the loop's reference pass when it scores the same
+    # sequences on the same starting model (NPO & co.): no second pass over them.
+    noised = (
+        cfg.localize.active and cfg.localize.noise_std > 0 and cfg.localize.reference == "noised"
+    )
+    covered = reference_covers(method, plan.params, seqs.new_answers, noised)
+    from_reference = nll_check and not cfg.resume and covered
+    before: dict[str, float] = {}
+    if nll_check and not cfg.resume:
+        forget = [] if from_reference else seqs.check_forget
+        before = nll_pair(model, forget, seqs.check_retain, pad_id)
+    clock.lap("nll_check")
+
+    out.mkdir(parents=True, exist_ok=True)
+    localization = None
+    if cfg.localize.active:  # before config.yaml: a mask refused here leaves nothing to clean up
+        localization = _localize(model, seqs.original, seqs.retain, pad_id, cfg, out)
+        clock.lap("localize")
+    config_text = yaml.safe_dump(resolved_config(cfg, plan.params), sort_keys=False)
+    atomic_write_text(out / CONFIG_FILE, config_text)
+    job = TrainJob(
+        model, method, plan.params, seqs.forget, cfg.train, out, pad_id,
+        retain=seqs.retain, second=seqs.second, resume=cfg.resume,
+        callbacks=list(callbacks or []), settings=settings,
+        prepared=method.prepare(plan.params, tokenizer) if method.prepare else None,
+    )  # fmt: skip
+    if localization is not None:
+        job.mask, job.anchor = localization.train_mask, localization.anchor
+        job.perturb = _noise(localization, cfg)
+        job.reference = "after" if cfg.localize.reference == "noised" else "before"
+    result = train(job)
+    if localization is not None:
+        localization.noise = result.perturbed or {}
+    clock.lap("train")
+    if from_reference:
+        value = reference_nll(result.reference, seqs.check_forget)
+        before = {"forget_nll": value, **before} if value is not None else before
+    result.reference = {}  # it may hold [T, V] logits: freed before the after-check
+    after = nll_pair(model, seqs.check_forget, seqs.check_retain, pad_id) if nll_check else {}
+    clock.lap("nll_check")
+
+    save_model(model, tokenizer, out)
+    metrics: dict[str, Any] = {"steps": result.steps, "final_losses": result.final_logs}
+    if nll_check:
+        metrics["nll_before"] = before or None
+        metrics["nll_after"] = after
+    manifest = _manifest(plan, resolved, seqs, result, metrics, localization, clock, model, out)
+    clock.lap("save")
+    clock.seconds["reference"] = round(result.reference_seconds, 2)  # part of "train"
+    manifest["wall_seconds"] = clock.total()
+    atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the run finished
+    if not cfg.train.keep_checkpoints:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    return RunResult(output=out, metrics=metrics, manifest=manifest)
+
+
+def _resume_settings(cfg: RunConfig) -> dict[str, Any]:
+    """Settings outside `train`/`method` that decide what the remaining steps compute: the
+    localization (a resumed run reuses the saved mask, so changed settings would be ignored)."""
+    return {f"localize.{k}": v for k, v in to_dict(cfg.localize).items()}
+
+
+def _localize(model, forget: list[Tokenized], retain, pad_id: int, cfg: RunConfig, out: Path):
+    """Compute (or, on resume, load) the mask and save it with the run."""
+    from unlearn.localization.run import localize
+
+    seed = cfg.localize.seed if cfg.localize.seed is not None else cfg.train.seed
+    return localize(
+        model, forget, retain, pad_id, cfg.localize, seed, out / LOCALIZATION_DIR, reuse=cfg.resume
+    )
+
+
+def _noise(loc, cfg: RunConfig):
+    """GRIN's noise on the selected weights, applied by the loop before or after it takes the
+    starting model's values (`localize.reference`); None when there is no noise."""
+    if cfg.localize.noise_std == 0:
+        return None
+    from unlearn.localization.noise import inject_noise
+
+    seed = cfg.localize.seed if cfg.localize.seed is not None else cfg.train.seed
+    return lambda model: inject_noise(model, loc.mask, cfg.localize.noise_std, seed)
+
+
+def _manifest(plan: Plan, resolved, seqs: _Sequences, result, metrics, loc, clock, model, out):
+    from unlearn.models import cache_root, local_folder
+
+    cfg = plan.config
+    return {
+        "command": plan.command,
+        "method": plan.method.name,
+        "hyperparameters": dataclasses.asdict(plan.params),
+        "citation": plan.method.citation,
+        "seed": cfg.train.seed,
+        "versions": versions(),
+        "base_model": base_model_record(
+            resolved, local_folder(resolved, cfg.model), cache_root(cfg.model)
+        ),
+        "data": {
+            "forget": data_record(cfg.forget, plan.forget),
+            "retain": data_record(cfg.retain, plan.retain) if plan.retain else None,
+            "forget_sequences": len(seqs.forget),
+            "nll_check_forget_sequences": len(seqs.check_forget),
+            "nll_check_retain_examples": len(seqs.check_retain),
+        },
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "seconds": clock.seconds,  # filled in by the caller, once saving is done
+        "train_seconds": round(result.wall_seconds, 2),
+        "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "metrics": metrics,
+        "localization": localization_record(loc),
+        "log": str(Path(result.log_path).relative_to(out)),
+        "config": resolved_config(cfg, plan.params),
+    }

@@ -1,0 +1,214 @@
+"""Everything before the first step: check the method's declarations against the data and the
+process layout, take the starting model's values, freeze and mask, build the optimizer, and
+restore a checkpoint on `--resume`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+
+from unlearn import forward as fwd
+from unlearn.errors import UnlearnError
+from unlearn.methods.base import Method, Needs
+from unlearn.train import checkpoint as ckpt_io
+from unlearn.train import hidden as hidden_io
+from unlearn.train import optim
+from unlearn.train.checkpoint import latest_checkpoint
+from unlearn.train.job import LOG_FILE, TrainJob
+from unlearn.train.reference import frozen_copy, reference_values
+from unlearn.train.reinforce import reinforced_logits
+from unlearn.train.schedule import plan_steps, retain_stream
+from unlearn.train.state import RunState, StartValues
+
+log = logging.getLogger("unlearn")
+
+
+def build(job: TrainJob) -> RunState:
+    """The run's state, ready for its first step (or its first step after a checkpoint)."""
+    from accelerate import Accelerator
+
+    model, method, cfg = job.model, job.method, job.cfg
+    # Every process runs every step (the loop shards each global batch itself), so the scheduler
+    # steps once per optimizer step; accelerate's default steps it once per process.
+    accelerator = Accelerator(
+        cpu=next(model.parameters()).device.type == "cpu", step_scheduler_with_optimizer=False
+    )
+    refuse_unsupported(accelerator)
+    needs = method.needs(job.params)
+    check_data(method, needs, job.forget, job.retain, job.second)
+    check_needs(method, needs, model, accelerator)
+    perturbed = None
+    if job.perturb is not None and job.reference == "after":
+        perturbed = job.perturb(model)
+    start = start_values(job, needs, accelerator)
+    if job.perturb is not None and job.reference != "after":
+        perturbed = job.perturb(model)
+    torch.manual_seed(cfg.seed)
+    uses_retain = needs.retain is not None and needs.retain.weight != 0
+    steps = plan_steps(len(job.forget), cfg)
+    offsets = [0]
+    for s in steps:
+        offsets.append(offsets[-1] + len(s))
+    retain_plan = (
+        retain_stream(len(job.retain), offsets[-1], cfg.batch_size, cfg.seed)
+        if uses_retain and job.retain
+        else []
+    )
+    masked, frozen = optim.masks(method, job.params, model, job.mask)
+    opt = optim.optimizer(model, cfg, masked)
+    sched = optim.scheduler(opt, cfg, len(steps))
+    prepared_model, opt, sched = accelerator.prepare(model, opt, sched)
+    for m in masked:
+        m.mask = m.mask.to(m.param.device)
+    data = {
+        "forget": ckpt_io.items_hash(job.forget),
+        "retain": ckpt_io.items_hash(job.retain) if uses_retain else None,
+        "second": ckpt_io.items_hash(job.second),
+        "mask": optim.mask_digest(job.mask),
+        "anchor": repr(job.anchor) if job.anchor is not None else None,
+    }
+    fingerprint = ckpt_io.run_fingerprint(cfg, method.name, job.params, data)
+    fingerprint.update(json.loads(json.dumps(job.settings, default=str)))
+    job.output.mkdir(parents=True, exist_ok=True)
+    log_path = job.output / LOG_FILE
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    unwrapped = accelerator.unwrap_model(prepared_model)
+    one = accelerator.num_processes == 1
+    share = job.anchor is None and one and fwd.takes_cache(unwrapped)
+    return RunState(
+        accelerator=accelerator,
+        model=prepared_model,
+        optimizer=opt,
+        scheduler=sched,
+        method=method,
+        params=job.params,
+        needs=needs,
+        cfg=cfg,
+        pad_id=job.pad_id,
+        forget=job.forget,
+        retain=job.retain if uses_retain else None,
+        second=job.second,
+        steps=steps,
+        retain_plan=retain_plan,
+        offsets=offsets,
+        start=start,
+        masks=masked,
+        frozen=frozen,
+        fingerprint=fingerprint,
+        output=job.output,
+        log_path=log_path,
+        anchor=job.anchor,
+        prepared=job.prepared,
+        state=dict(method.init_state(job.params)) if method.init_state is not None else {},
+        keep_logits=fwd.takes_logits_to_keep(unwrapped),
+        share_prefix=share,
+        pack=share and fwd.uses_sdpa(unwrapped),
+        perturbed=perturbed,
+    )
+
+
+def start_values(job: TrainJob, needs: Needs, accelerator) -> StartValues:
+    """The starting model's values the method compares against, all taken from the model as it is
+    now: cached values on the forget items (one pass), WHP's reinforced logits, and the frozen
+    copies a KL retain term or reference hidden states need."""
+    model, cfg = job.model, job.cfg
+    out = StartValues()
+    reinforced = reinforced_logits(job, needs)
+    if needs.reference_model:
+        out.model = frozen_copy(model, accelerator)
+    if needs.reference_hidden_layers:
+        truncated = hidden_io.truncated_copy(model, max(needs.reference_hidden_layers))
+        out.hidden = accelerator.prepare_model(truncated, evaluation_mode=True)
+    if job.method.finalize is not None:
+        out.weights = {
+            n: p.detach().to("cpu", copy=True)
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+    t0 = time.time()
+    kinds = tuple(k for k in needs.reference if k != "reinforced_logits")
+    batch = max(cfg.batch_size, 8)
+    out.forget = reference_values(model, job.forget, job.pad_id, kinds, batch)
+    out.second = reference_values(model, job.second or [], job.pad_id, kinds, batch)
+    if reinforced is not None:
+        out.forget["reinforced_logits"] = reinforced["logits"]
+        out.forget["reinforced_logits:start"] = reinforced["logits:start"]
+    out.seconds = time.time() - t0
+    return out
+
+
+def check_needs(method: Method, needs: Needs, model, accelerator) -> None:
+    """Declarations the model or the process layout cannot honour, refused before any work."""
+    layers = tuple(needs.hidden_layers) + tuple(needs.reference_hidden_layers)
+    if layers:
+        hidden_io.check_layers(model, layers, f"method '{method.name}'")
+    if needs.gradients != "sum" and accelerator.num_processes > 1:
+        raise UnlearnError(
+            f"method '{method.name}' combines the forget and retain gradients itself "
+            f"(gradients={needs.gradients}), which is implemented for one process only; run it "
+            "without `accelerate launch`/torchrun"
+        )
+
+
+def refuse_unsupported(accelerator) -> None:
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise UnlearnError(
+            f"training under {kind.value} is not supported yet (untested: the forget and retain "
+            "terms are backpropagated separately); run `accelerate launch` with plain "
+            "multi-GPU/CPU data parallelism (DDP) instead"
+        )
+
+
+def check_data(method: Method, needs: Needs, forget, retain, second) -> None:
+    if needs.retain is not None and needs.retain.weight != 0 and not retain:
+        raise UnlearnError(
+            f"method '{method.name}' has a retain term, but no retain data was given; pass "
+            "--retain FILE, or set method.alpha=0 to train without one"
+        )
+    if needs.second_target and (second is None or len(second) != len(forget)):
+        raise UnlearnError(
+            f"method '{method.name}' needs a second answer for each of the {len(forget)} forget "
+            f"sequences, got {0 if second is None else len(second)}; use question/answer forget "
+            "data and give the method a second_targets hook"
+        )
+    if needs.gradients != "sum" and (needs.retain is None or needs.retain.weight == 0):
+        raise UnlearnError(
+            f"method '{method.name}' combines the forget gradient with the retain gradient "
+            f"(gradients={needs.gradients}), so it needs a retain term; set method.alpha > 0 and "
+            "pass --retain FILE"
+        )
+
+
+def restore(run: RunState, resume: bool) -> tuple[int, int | None, list[dict[str, Any]]]:
+    """(first step to run, step resumed from, log history so far); checks the saved config."""
+    if not resume:
+        if run.log_path.exists() and run.accelerator.is_main_process:
+            run.log_path.unlink()
+        return 0, None, []
+    found = latest_checkpoint(run.output)
+    if found is None:
+        return 0, None, []
+    ckpt, step = found
+    progress = ckpt_io.read_progress(ckpt)
+    changes = ckpt_io.check_resume(progress.get("config"), run.fingerprint, ckpt)
+    run.accelerator.load_state(str(ckpt))
+    if "method_state" in progress:
+        run.state = {k: float(v) for k, v in progress["method_state"].items()}
+    ckpt_io.apply_allowed(changes, run.optimizer, run.scheduler)
+    history = ckpt_io.truncate_log(run.log_path, step)
+    if changes:
+        note = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+        log.warning("resuming from step %d with changed settings: %s", step, note)
+        if run.accelerator.is_main_process:
+            with run.log_path.open("a") as fh:
+                fh.write(
+                    json.dumps({"event": "resume", "from_step": step, "changed": changes}) + "\n"
+                )
+    return step, step, history
