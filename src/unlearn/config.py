@@ -149,6 +149,7 @@ class LocalizeConfig:
     seed: seed of the retain sample, the random mask and the noise; None = train.seed.
     uoe_layers: MoE layers whose top expert is unlearned (uoe); None = every MoE layer.
     anchor_weight: weight of UOE's router anchor loss.
+    uoe_tokens: which tokens' routing picks the expert: "answer" (labelled tokens) or "all".
     """
 
     method: Literal["none", "grin", "forget_grad", "random", "regex", "uoe"] = "none"
@@ -169,6 +170,7 @@ class LocalizeConfig:
     seed: int | None = None
     uoe_layers: int | None = 1
     anchor_weight: float = 1.0
+    uoe_tokens: Literal["answer", "all"] = "answer"
 
     @property
     def active(self) -> bool:

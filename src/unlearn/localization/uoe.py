@@ -10,6 +10,7 @@ those tokens are damaged instead. Their fix (Sec. 4, Alg. 1) has three parts, ea
 * expert attribution (Eq. 2, `attribute`): the affinity of expert i in layer l is the router's
   top-K gate score g_{i,t} (the softmax probability if i is among the token's top-K experts, else 0;
   the g of Sec. 3), averaged over the tokens of each forget sequence and then over sequences;
+  by default only the answer tokens count (see "Which tokens" below);
 * selection (`choose_experts`): the layer-wise top-1 experts are ranked by that score and only the
   single best one is unlearned (M = 1 is best in Tab. 2 and Tab. 7, "Insight 4"; Tab. 5 ranks the
   layer-wise top-1 experts by affinity);
@@ -18,6 +19,18 @@ those tokens are damaged instead. Their fix (Sec. 4, Alg. 1) has three parts, ea
 * the router anchor loss (Eq. 3, `anchor_loss`): the squared L2 distance between the router's gate
   scores and the one-hot vector of the chosen expert, added with weight alpha = 1 (Eq. 4; best in
   their App. B, Tab. 6), so the router keeps sending forget tokens to the expert being unlearned.
+
+Which tokens (`localize.uoe_tokens`, `selected_tokens`). The paper's forget sets are raw text
+(WMDP, RWKU), so every token of a sequence is forget content and Eq. 2 averages over all of them.
+Our forget data is question/answer pairs rendered with a chat template: a system prompt, headers
+and the question precede the answer, and the same template opens every retain example too.
+Counting those tokens would pick the expert that handles the template rather than the one the
+forget answers go through. So by default ("answer") a token counts when its label is not -100:
+labels are aligned with input_ids (the loss shifts them), and the router at position t sees input
+token t, so these are the answer tokens (and the end token) themselves. "all" counts every
+non-padding token, as the paper does. The anchor (Eq. 3) uses the same tokens as the attribution:
+it keeps the tokens the expert was chosen for on that expert; anchoring the template would pull
+the template of every prompt, retain data included, to the expert being unlearned.
 
 Shared experts (Qwen-MoE, DeepSeek-MoE) are not routed, so they get no affinity and stay frozen: the
 paper excludes them (Sec. 4, Tab. 2: adding the 4 shared experts to the top-1 expert cost utility).
@@ -35,7 +48,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +71,10 @@ class UOEParams:
     # Eq. 2 uses the top-K gate score g (Sec. 3). "prob" is the full softmax, "count" the token
     # assignment ratio of Fig. 2, which the paper calls coarser.
     score: Score = "gate"
-    # Eq. 2 averages over every token of each sequence (L_j = its length); "answer" keeps only the
-    # labelled tokens of question/answer data, an option the paper (raw-text forget sets) lacks.
-    tokens: Tokens = "all"
+    # Eq. 2 averages over every token of each sequence (L_j = its length), on raw-text forget
+    # sets; "answer" keeps only the labelled tokens of question/answer data, so chat-template and
+    # question tokens do not pick the expert. The anchor (Eq. 3) uses the same tokens.
+    tokens: Tokens = "answer"
     # How many MoE layers get their top-1 expert unlearned: 1 is the paper's M = 1 (Tab. 2); None
     # is every MoE layer. (The paper's cross-layer M > 1 may take two experts of one layer; ours
     # takes at most one expert per layer.)
@@ -279,13 +293,41 @@ def gate_scores(logits: torch.Tensor, top_k: int, score: Score = "gate") -> torc
     raise ValueError(f"score must be gate, prob or count, got {score!r}")
 
 
+def selected_tokens(
+    attention_mask: torch.Tensor, labels: torch.Tensor | None, tokens: Tokens
+) -> torch.Tensor:
+    """The [B, T] bool mask of the tokens whose routing counts: attention mask, and with
+    `tokens="answer"` a label other than -100 at that position (input token t is an answer token;
+    the router at t sees it). `labels` may hold only the last columns of the batch (the training
+    loop cuts them to the positions whose logits it keeps); they are aligned to the right.
+    """
+    keep = attention_mask.bool()
+    if tokens == "all":
+        return keep
+    if tokens != "answer":
+        raise UnlearnError(f"UOE tokens must be 'answer' or 'all', got {tokens!r}")
+    if labels is None:
+        raise UnlearnError(
+            "UOE on answer tokens needs the batch's labels to find them; pass labels, or use "
+            "localize.uoe_tokens=all"
+        )
+    rows, width = keep.shape
+    if labels.ndim != 2 or labels.shape[0] != rows or labels.shape[1] > width:
+        raise UnlearnError(
+            f"UOE got labels of shape {tuple(labels.shape)} for a batch of shape {(rows, width)}"
+        )
+    answer = torch.zeros_like(keep)
+    answer[:, width - labels.shape[1] :] = labels.to(keep.device) != IGNORE_INDEX
+    return keep & answer
+
+
 @torch.no_grad()
 def attribute(
     model: torch.nn.Module,
     items: list[Tokenized],
     pad_id: int,
     batch_size: int = 8,
-    tokens: Tokens = "all",
+    tokens: Tokens = "answer",
     score: Score = "gate",
     layers: Sequence[MoELayer] | None = None,
 ) -> dict[int, torch.Tensor]:
@@ -294,15 +336,16 @@ def attribute(
     Eq. 2 of the paper: s_i = (1/Z) sum_j (1/L_j) sum_t g_{i,t}, the per-sequence mean of the gate
     score, averaged over the Z sequences (sequences with no counted token are skipped). The paper
     computes it on a random subset of the forget set (over 100,000 tokens was enough); pass a subset
-    to save time. `tokens="all"` counts every non-padding token (the paper's L_j is the sequence
-    length); "answer" only tokens with a label. Runs in eval mode; the mode is restored after.
+    to save time. `tokens="answer"` counts only the tokens with a label (the answer and its end
+    token, not the chat template or question); "all" every non-padding token (the paper's L_j is
+    the sequence length). Runs in eval mode; the mode is restored after.
     """
     if not items:
         raise UnlearnError("UOE expert attribution got no forget examples")
     if batch_size < 1:
         raise UnlearnError(f"attribution batch size must be >= 1, got {batch_size}")
     if tokens not in ("all", "answer"):
-        raise UnlearnError(f"UOE attribution tokens must be 'all' or 'answer', got {tokens!r}")
+        raise UnlearnError(f"UOE attribution tokens must be 'answer' or 'all', got {tokens!r}")
     moe = find_moe_layers(model) if layers is None else list(layers)
     device = next(model.parameters()).device
     totals = {layer.index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in moe}
@@ -313,9 +356,7 @@ def attribute(
         with router_logits(model, moe) as captured:
             for start in range(0, len(items), batch_size):
                 batch = collate(items[start : start + batch_size], pad_id)
-                keep = batch["attention_mask"].bool()
-                if tokens == "answer":
-                    keep &= batch["labels"] != IGNORE_INDEX
+                keep = selected_tokens(batch["attention_mask"], batch["labels"], tokens)
                 lengths = keep.sum(1)
                 rows = lengths > 0
                 if not bool(rows.any()):
@@ -337,7 +378,11 @@ def attribute(
     if counted == 0:
         raise UnlearnError(
             "UOE expert attribution found no tokens to count "
-            + ("(no answer labels; use tokens=all)" if tokens == "answer" else "(empty sequences)")
+            + (
+                "(no answer labels; use localize.uoe_tokens=all)"
+                if tokens == "answer"
+                else "(empty sequences)"
+            )
         )
     return {index: (total / counted).float() for index, total in totals.items()}
 
@@ -417,8 +462,8 @@ def anchor_loss(
     Averaged over the tokens where `token_mask` ([B, T] bool, the batch the logits came from; None
     counts every row) is true, and summed over the chosen layers (Eq. 4 adds one such term per
     anchored layer). `scores="gate"` uses the top-K gate score of Sec. 3, as the paper's g;
-    "prob" the full softmax. The paper leaves the token set open; the forget batch's attention
-    mask (every real token, as in attribution) is the natural choice.
+    "prob" the full softmax. The paper leaves the token set open; the mask should select the
+    tokens the expert was chosen on (`selected_tokens`, as `Anchor.loss` does).
     """
     if not choices:
         raise UnlearnError("UOE anchor loss needs at least one chosen expert")
@@ -453,20 +498,24 @@ class Anchor:
     """The router anchor as the training loop applies it: which experts, and the loss weight.
 
     The loop runs the forget batch inside `capture` and adds `loss` to the method's forget term.
+    `tokens` is the attribution's token selection (localize.uoe_tokens): the anchor holds the
+    same tokens on the chosen expert.
     """
 
     choices: tuple[ExpertChoice, ...]
     weight: float = 1.0
     scores: Literal["gate", "prob"] = "gate"
+    tokens: Tokens = "answer"
 
     @classmethod
-    def from_info(cls, experts: Sequence[Mapping[str, object]], weight: float) -> Anchor:
+    def from_info(
+        cls, experts: Sequence[Mapping[str, Any]], weight: float, tokens: Tokens = "answer"
+    ) -> Anchor:
         """From the `experts` list a localization records (layer, expert, score per choice)."""
         choices = tuple(
-            ExpertChoice(int(e["layer"]), int(e["expert"]), float(e["score"]))  # type: ignore[arg-type]
-            for e in experts
+            ExpertChoice(int(e["layer"]), int(e["expert"]), float(e["score"])) for e in experts
         )
-        return cls(choices=choices, weight=weight)
+        return cls(choices=choices, weight=weight, tokens=tokens)
 
     def _layers(self, model: torch.nn.Module) -> list[MoELayer]:
         wanted = {c.layer for c in self.choices}
@@ -481,8 +530,13 @@ class Anchor:
         self,
         model: torch.nn.Module,
         captured: Mapping[int, torch.Tensor],
-        token_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """weight * Eq. 3 over the chosen layers, on the tokens of `token_mask`."""
-        term = anchor_loss(captured, self.choices, self._layers(model), token_mask, self.scores)
+        """weight * Eq. 3 over the chosen layers, on the forget batch's `selected_tokens`: the
+        answer tokens (labels required; they may be cut to the last columns) or, with
+        tokens="all", every token of `attention_mask` ([B, T], the batch the logits came from).
+        """
+        keep = selected_tokens(attention_mask, labels, self.tokens)
+        term = anchor_loss(captured, self.choices, self._layers(model), keep, self.scores)
         return self.weight * term

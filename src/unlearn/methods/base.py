@@ -22,8 +22,10 @@ place a method lives and the loop never looks for attribute names:
   last step (task-vector negation).
 
 How the forget and retain gradients combine is a declaration too (`Needs.gradients`): summed, the
-forget gradient projected off the retain gradient (gradient surgery), or summed with a penalty on
-their cosine (UNO, a double backward). The loop computes them; a method never calls autograd.
+forget gradient projected off the retain gradient (PCGrad), or UNO's: the method's loss and the
+retain term descended with a penalty on the cosine of their gradient and the gradient of a `probe`
+loss (a double backward), alternating with steps projected off that gradient (UNO-S). The loop
+computes them; a method never calls autograd.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 RefValue = Literal["sequence_logp", "token_logp", "logits", "reinforced_logits"]
 REF_VALUES: tuple[str, ...] = ("sequence_logp", "token_logp", "logits", "reinforced_logits")
-GRADIENTS: tuple[str, ...] = ("sum", "project", "orthogonal")
+GRADIENTS: tuple[str, ...] = ("sum", "pcgrad", "uno", "uno_s")
 
 
 @dataclass(frozen=True)
@@ -82,11 +84,12 @@ class Needs:
         `reference_hidden_on` ("forget", "retain").
     logits: False when the loss reads hidden states only: the model then runs only up to the
         deepest block in `hidden_layers` and the logits in LossInputs are None.
-    gradients: "sum" (the usual), "project" (gradient surgery: when the forget gradient g_f and
-        the weighted retain gradient g_r conflict, g_f . g_r < 0, g_f loses its component along
-        g_r; `project_always` projects whatever the sign), or "orthogonal" (UNO: the loss gains
-        `orthogonal_weight * (g_f . g_r)^2 / (|g_f|^2 |g_r|^2)`, differentiated by a double
-        backward). Both need a retain term.
+    gradients: "sum" (the usual); "pcgrad" (when the forget gradient g_f and the weighted retain
+        gradient g_r conflict, g_f . g_r < 0, g_f loses its component along g_r; needs a retain
+        term); "uno" (with g_p the gradient of `Method.probe` and g_d that of the method's loss
+        plus the retain term, the step minimises loss + retain + `orthogonal_weight` *
+        (g_p . g_d)^2 / (|g_p|^2 |g_d|^2), by a double backward); "uno_s" ("uno" on odd steps;
+        on even steps it follows g_d minus its component along g_p). The last two need a probe.
     reinforce: train a reinforced copy first and cache its logits (see `Reinforce`).
     """
 
@@ -99,7 +102,6 @@ class Needs:
     logits: bool = True
     gradients: str = "sum"
     orthogonal_weight: float = 0.0
-    project_always: bool = False
     reinforce: Reinforce | None = None
 
     def __post_init__(self) -> None:
@@ -172,6 +174,7 @@ TargetsFn = Callable[[Sequence[Any], Any, int], "list[str]"]
 MaskFn = Callable[[torch.nn.Module, Any], "dict[str, torch.Tensor]"]
 StateFn = Callable[[Any], "dict[str, float]"]
 PrepareFn = Callable[[Any, Any], Any]
+ProbeFn = Callable[[LossInputs, Any], torch.Tensor]
 UpdateFn = Callable[["dict[str, float]", StepInfo, Any], "dict[str, float]"]
 FinalizeFn = Callable[
     ["dict[str, torch.Tensor]", "dict[str, torch.Tensor]", Any], "dict[str, torch.Tensor]"
@@ -207,6 +210,8 @@ class Method:
         applied after the last step; the loop keeps a CPU copy of the start only for such methods.
     prepare: (params, tokenizer) -> a value the loss reads as `LossInputs.prepared`, computed
         once before training (WHP's anchored terms as token ids).
+    probe: (LossInputs, params) -> a loss on the same batch that is never minimised: its gradient
+        is what the "uno"/"uno_s" gradient modes keep the descent orthogonal to (UNO's L_f).
     """
 
     name: str
@@ -222,6 +227,7 @@ class Method:
     update_state: UpdateFn | None = None
     finalize: FinalizeFn | None = None
     prepare: PrepareFn | None = None
+    probe: ProbeFn | None = None
 
     def needs_retain(self, params: Any) -> bool:
         """Whether the loop must forward a retain batch (a declared retain term, weight != 0)."""

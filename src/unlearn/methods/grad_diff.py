@@ -25,6 +25,10 @@ class GradDiffParams:
     gamma: float = 1.0  # weight of the (negated) forget NLL
     alpha: float = 1.0  # weight of the retain term
     retain_loss: Literal["nll", "kl"] = "nll"
+    # "pcgrad": when the forget gradient conflicts with the retain gradient (negative dot product)
+    # it loses its component along it before the two add up (PCGrad, Yu et al. 2020,
+    # arXiv:2001.06782): gradient surgery on GradDiff, one process only.
+    combine: Literal["sum", "pcgrad"] = "sum"
 
     def __post_init__(self) -> None:
         check_weights(gamma=self.gamma, alpha=self.alpha)
@@ -44,7 +48,7 @@ METHOD = Method(
     summary="gradient ascent on the forget set plus NLL or KL on the retain set",
     params=GradDiffParams,
     loss=grad_diff_loss,
-    needs=lambda p: Needs(retain=retain_spec(p.retain_loss, p.alpha)),
+    needs=lambda p: Needs(retain=retain_spec(p.retain_loss, p.alpha), gradients=p.combine),
     citation=(
         "Maini et al. 2024, TOFU, arXiv:2401.06121 (GradDiff / KL baselines); "
         "defaults from OpenUnlearning configs/trainer/GradDiff.yaml"

@@ -178,11 +178,16 @@ def check_data(method: Method, needs: Needs, forget, retain, second) -> None:
             f"sequences, got {0 if second is None else len(second)}; use question/answer forget "
             "data and give the method a second_targets hook"
         )
-    if needs.gradients != "sum" and (needs.retain is None or needs.retain.weight == 0):
+    if needs.gradients == "pcgrad" and (needs.retain is None or needs.retain.weight == 0):
         raise UnlearnError(
             f"method '{method.name}' combines the forget gradient with the retain gradient "
             f"(gradients={needs.gradients}), so it needs a retain term; set method.alpha > 0 and "
             "pass --retain FILE"
+        )
+    if needs.gradients in ("uno", "uno_s") and method.probe is None:
+        raise UnlearnError(
+            f"method '{method.name}' declares gradients={needs.gradients} but has no probe loss "
+            "(Method.probe) whose gradient the descent is kept orthogonal to"
         )
 
 

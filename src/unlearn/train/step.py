@@ -39,7 +39,7 @@ def one_step(run: RunState, step: int) -> tuple[dict[str, float], float]:
         else []
     )
     bad: list[str] = []
-    sums = gradients.COMBINE[run.needs.gradients](run, micros, retain_idx, bad)
+    sums = gradients.COMBINE[run.needs.gradients](run, step, micros, retain_idx, bad)
     grad_norm = finish_gradients(run, step, bad)
     optim.apply_update(run)
     if run.method.update_state is not None:
@@ -64,8 +64,11 @@ def add(sums: dict[str, float], terms: dict[str, float], n_micro: int) -> None:
         sums[k] = sums.get(k, 0.0) + float(v) / n_micro
 
 
-def forget_loss(run: RunState, mine: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-    """The method's forget loss on this process's rows (plus UOE's anchor), not yet backpropagated."""
+def forget_loss(
+    run: RunState, mine: list[int], probe: bool = False
+) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
+    """The method's forget loss on this process's rows (plus UOE's anchor), not yet backpropagated,
+    and with `probe` the method's probe loss on the same forward (`Method.probe`)."""
     needs, device = run.needs, run.accelerator.device
     unwrapped = run.accelerator.unwrap_model(run.model) if run.anchor is not None else None
     with (
@@ -95,7 +98,10 @@ def forget_loss(run: RunState, mine: list[int]) -> tuple[torch.Tensor, dict[str,
         anchor = run.anchor.loss(unwrapped, routed, p.batch["attention_mask"].bool())
         terms["anchor_loss"] = float(anchor.detach())
         loss = loss + anchor
-    return loss, {"loss": float(loss.detach()), **terms}
+    probed = run.method.probe(inputs, run.params) if probe and run.method.probe else None
+    if probed is not None:
+        terms["probe_loss"] = float(probed.detach())
+    return loss, {"loss": float(loss.detach()), **terms}, probed
 
 
 def retain_loss(run: RunState, mine: list[int], logs: dict) -> torch.Tensor:
@@ -123,7 +129,7 @@ def retain_loss(run: RunState, mine: list[int], logs: dict) -> torch.Tensor:
 def forget_pass(run: RunState, idx, n_micro: int, bad: list[str], sync: bool) -> dict[str, float]:
     """Forward the forget (and second-answer) batch, backpropagate the method's forget loss."""
     mine, weight = shard(idx, run.accelerator.process_index, run.accelerator.num_processes)
-    loss, terms = forget_loss(run, mine)
+    loss, terms, _ = forget_loss(run, mine)
     check_finite(loss, "loss", bad)
     backward(run, loss * (weight / n_micro), sync)
     return terms

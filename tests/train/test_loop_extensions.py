@@ -1,15 +1,13 @@
 """The loop's declarations beyond logits: block hidden states that stop the forward pass, a
-truncated frozen reference, gradient surgery and UNO's double backward against hand autograd,
-method state across checkpoints, finalize, and the reinforced model."""
+truncated frozen reference, method state across checkpoints, finalize, and the reinforced model.
+(Gradient combinations: test_gradients.py.)"""
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import unlearn.train.loop as loop
 from unlearn import forward as fwd
@@ -19,7 +17,7 @@ from unlearn.data import Example
 from unlearn.errors import UnlearnError
 from unlearn.methods.base import Method, Needs, Reinforce, RetainTerm
 from unlearn.prompts import PromptFormatter, collate, tokenize_examples
-from unlearn.train import gradients, hidden, optim
+from unlearn.train import hidden
 
 
 class _P:
@@ -100,86 +98,6 @@ def test_a_block_past_the_depth_is_one_line(tiny_model_dir, tmp_path):
         UnlearnError,
         match=r"block 5 is past the model's 2 decoder blocks; choose a block between 0 and 1",
     ):
-        _train(model, tok, items, method, tmp_path)
-
-
-def _grads_by_hand(model, tok, forget, retain, weight):
-    """g_f, g_r by plain autograd on whole batches, as flat lists over trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    fb, rb = collate(forget, tok.pad_token_id), collate(retain, tok.pad_token_id)
-    fl, rl = fb.pop("labels"), rb.pop("labels")
-    with sdpa_kernel([SDPBackend.MATH]):  # twice differentiable
-        loss_f = -losses.nll(model(**fb).logits, fl)
-        loss_r = weight * losses.nll(model(**rb).logits, rl)
-    g_f = torch.autograd.grad(loss_f, params, create_graph=True)
-    g_r = torch.autograd.grad(loss_r, params, create_graph=True)
-    return params, g_f, g_r
-
-
-def _capture_step_grads(monkeypatch):
-    grads = []
-    original = optim.apply_update
-
-    def spy(run):
-        grads.append([p.grad.detach().clone() for p in run.trainable()])
-        original(run)
-
-    monkeypatch.setattr(optim, "apply_update", spy)
-    return grads
-
-
-@pytest.mark.parametrize("mode", ["project", "orthogonal"])
-def test_gradient_surgery_and_uno_match_hand_autograd(mode, tiny_model_dir, tmp_path, monkeypatch):
-    model, tok, items = _tiny(tiny_model_dir, 4)
-    forget, retain = items[:2], items[2:]
-    params, g_f, g_r = _grads_by_hand(model, tok, forget, retain, 0.5)
-    dot = sum((a * b).sum() for a, b in zip(g_f, g_r, strict=True))
-    nf = sum(a.pow(2).sum() for a in g_f)
-    nr = sum(b.pow(2).sum() for b in g_r)
-    if mode == "project":
-        coef = float(dot.detach() / nr.detach()) if float(dot.detach()) < 0 else 0.0
-        expected = [(a - coef * b + b).detach() for a, b in zip(g_f, g_r, strict=True)]
-        needs = Needs(retain=RetainTerm(weight=0.5), gradients="project", project_always=False)
-    else:
-        penalty = dot.pow(2) / (nf * nr + 1e-12)
-        g_p = torch.autograd.grad(penalty, params)
-        expected = [(a + b + 3.0 * c).detach() for a, b, c in zip(g_f, g_r, g_p, strict=True)]
-        needs = Needs(retain=RetainTerm(weight=0.5), gradients=mode, orthogonal_weight=3.0)
-    grads = _capture_step_grads(monkeypatch)
-    method = Method(mode, "t", _P, _ga, "-", needs=lambda p: needs)
-    res = _train(
-        model,
-        tok,
-        forget,
-        method,
-        tmp_path,
-        retain=retain,
-        cfg={"max_steps": 1, "max_grad_norm": 0.0},
-    )
-    for got, want in zip(grads[0], expected, strict=True):
-        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
-    cos = float((dot / (nf.sqrt() * nr.sqrt())).detach())
-    assert res.final_logs["grad_cos"] == pytest.approx(cos, abs=1e-5)
-    if mode == "project":  # the hand case conflicts, so the projection did something
-        assert cos < 0
-
-
-def test_project_without_conflict_keeps_the_sum():
-    lin = torch.nn.Linear(2, 1, bias=False)
-    run = SimpleNamespace(model=lin, masks=[], trainable=lambda: [lin.weight])
-    g_f = [torch.tensor([[1.0, 0.0]])]
-    lin.weight.grad = torch.tensor([[1.0, 1.0]])  # g_r, dot > 0
-    gradients.project(run, g_f, always=False)
-    assert torch.equal(lin.weight.grad, torch.tensor([[2.0, 1.0]]))
-    lin.weight.grad = torch.tensor([[1.0, 1.0]])
-    gradients.project(run, g_f, always=True)  # (g_f - (1/2) g_r) + g_r = [0.5, -0.5] + [1, 1]
-    assert torch.allclose(lin.weight.grad, torch.tensor([[1.5, 0.5]]))
-
-
-def test_gradient_modes_need_a_retain_term(tiny_model_dir, tmp_path):
-    model, tok, items = _tiny(tiny_model_dir)
-    method = Method("p", "t", _P, _ga, "-", needs=lambda p: Needs(gradients="project"))
-    with pytest.raises(UnlearnError, match="needs a retain term"):
         _train(model, tok, items, method, tmp_path)
 
 
