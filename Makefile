@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # `make install TORCH_SPEC="torch>=2.4"` for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint typecheck format demo bench bench-memory bench-methods bench-restor clean
+.PHONY: install test test-fast lint typecheck format demo bench bench-memory bench-methods bench-restor clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ typecheck: install
 
 test: lint typecheck
 	$(VENV)/bin/pytest -q
+
+# the suite without the tests marked slow (real model, several processes, demo, pipelines), plus
+# ruff: under a minute on two cores
+test-fast: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/pytest -q -m "not slow"
 
 demo: install
 	$(VENV)/bin/unlearn demo --output out/demo

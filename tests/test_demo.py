@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from unlearn.demo import DemoSettings, run_demo
+
+pytestmark = pytest.mark.slow  # the whole demo: fine-tune, unlearn, evaluate, report
 
 
 def test_demo_runs_end_to_end_and_caches_models(tiny_model_dir, tmp_path, monkeypatch):

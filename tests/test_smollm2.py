@@ -19,7 +19,12 @@ from unlearn.eval.records.decode import hf_greedy
 from unlearn.models import load_model_and_tokenizer, resolve_model
 from unlearn.prompts import PromptFormatter
 
-pytestmark = [pytest.mark.smollm2, requires_smollm2, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [
+    pytest.mark.smollm2,
+    pytest.mark.slow,
+    requires_smollm2,
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 @pytest.fixture(scope="module")

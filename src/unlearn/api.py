@@ -22,7 +22,8 @@ from unlearn.config import (
     load_yaml,
 )
 from unlearn.train.loop import StepCallback
-from unlearn.train.recipe import Plan, RunResult, execute, plan_run
+from unlearn.train.plan import Plan, RunResult, plan_run
+from unlearn.train.recipe import execute
 
 if TYPE_CHECKING:
     from unlearn.eval.suites.builders import Suite

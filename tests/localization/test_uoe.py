@@ -8,6 +8,7 @@ import torch
 from conftest import build_tiny_mixtral
 from unlearn.errors import UnlearnError
 from unlearn.localization.uoe import (
+    Anchor,
     ExpertChoice,
     UOEParams,
     anchor_loss,
@@ -17,8 +18,9 @@ from unlearn.localization.uoe import (
     find_moe_layers,
     gate_scores,
     router_logits,
+    selected_tokens,
 )
-from unlearn.prompts import Tokenized
+from unlearn.prompts import Tokenized, collate
 
 PROMPT_IDS = list(range(10, 16))  # routed to expert 1 by the hand-built router
 ANSWER_IDS = list(range(20, 23))  # routed to expert 2
@@ -148,14 +150,21 @@ def test_attribution_is_the_mean_over_sequences_of_per_sequence_means():
     batch = items(2)
     layers = find_moe_layers(model)
     expected = {layer.index: torch.zeros(4) for layer in layers}
+    on_answers = {layer.index: torch.zeros(4) for layer in layers}
     for item in batch:
         with torch.no_grad(), router_logits(model, layers) as captured:
             model(input_ids=torch.tensor([item.input_ids]))
+        answer = torch.tensor(item.labels) != -100
         for layer in layers:
             g = gate_scores(captured[layer.index], 2, "gate")
             expected[layer.index] += g.mean(0) / len(batch)
-    got = attribute(model, batch, PAD, batch_size=2)  # padded together: padding must not count
+            on_answers[layer.index] += g[answer].mean(0) / len(batch)
+    # Padded together: padding must not count.
+    got = attribute(model, batch, PAD, batch_size=2, tokens="all")
     for index, scores in expected.items():
+        torch.testing.assert_close(got[index], scores, rtol=1e-4, atol=1e-6)
+    got = attribute(model, batch, PAD, batch_size=2)
+    for index, scores in on_answers.items():
         torch.testing.assert_close(got[index], scores, rtol=1e-4, atol=1e-6)
     counts = attribute(model, batch, PAD, score="count")
     torch.testing.assert_close(counts[0].sum(), torch.tensor(2.0))  # top-2 of every token
@@ -280,5 +289,99 @@ def test_attribute_and_anchor_errors():
     with pytest.raises(ValueError):
         UOEParams(layers=0)
     assert UOEParams() == UOEParams(
-        score="gate", tokens="all", layers=1, train_router=True, anchor_weight=1.0
+        score="gate", tokens="answer", layers=1, train_router=True, anchor_weight=1.0
     )
+
+
+# ------------------------------------------- which tokens pick the expert (issue 16)
+# In question/answer data the chat template, system prompt and question come before the answer
+# in every sequence; here they are PROMPT_IDS (routed to expert 1 in layer 1, and twice as many
+# as the answer tokens, routed to expert 2).
+
+
+def test_attribution_counts_answer_tokens_by_default_and_every_token_with_all():
+    model = mixtral()
+    hand_route(model, layer=1)
+    by_default = attribute(model, items(), PAD, batch_size=2)
+    assert choose_experts(by_default)[0] == ExpertChoice(1, 2, float(by_default[1][2]))
+    assert float(by_default[1][1]) < 0.05  # the prompt's expert gets no credit from the answer
+    everything = attribute(model, items(), PAD, batch_size=2, tokens="all")
+    assert choose_experts(everything)[0] == ExpertChoice(1, 1, float(everything[1][1]))
+    assert UOEParams().tokens == "answer"
+
+
+def test_selected_tokens_are_the_labelled_input_positions():
+    batch = collate(items(2), PAD)  # row 1 is one answer token shorter, so padded
+    mask, labels = batch["attention_mask"], batch["labels"]
+    want = torch.zeros_like(mask, dtype=torch.bool)
+    want[0, 6:9] = True  # input tokens 6..8 are the answer (labels aligned with input_ids)
+    want[1, 6:8] = True
+    assert torch.equal(selected_tokens(mask, labels, "answer"), want)
+    assert torch.equal(selected_tokens(mask, labels, "all"), mask.bool())
+    # The training loop keeps only the last columns of the labels (logits_to_keep).
+    assert torch.equal(selected_tokens(mask, labels[:, -4:], "answer"), want)
+    with pytest.raises(UnlearnError, match="needs the batch's labels"):
+        selected_tokens(mask, None, "answer")
+    with pytest.raises(UnlearnError, match="labels of shape"):
+        selected_tokens(mask, labels[:1], "answer")
+
+
+@pytest.mark.parametrize("tokens", ["answer", "all"])
+def test_anchor_holds_the_tokens_the_expert_was_chosen_on(tokens):
+    model = mixtral()
+    hand_route(model, layer=1)
+    batch = collate(items(), PAD)
+    mask, labels = batch["attention_mask"], batch["labels"]
+    anchor = Anchor.from_info([{"layer": 1, "expert": 2, "score": 0.9}], 1.0, tokens)
+    assert anchor.tokens == tokens and Anchor((ExpertChoice(1, 2, 0.9),)).tokens == "answer"
+    with anchor.capture(model) as captured:
+        model(input_ids=batch["input_ids"], attention_mask=mask)
+    keep = mask.bool() & (labels != -100) if tokens == "answer" else mask.bool()
+    layers = find_moe_layers(model)
+    want = anchor_loss(captured, anchor.choices, layers, keep)
+    got = anchor.loss(model, captured, mask.bool(), labels[:, -4:]).detach()
+    torch.testing.assert_close(got, want)
+    # Answer tokens already go to expert 2: little to anchor. The prompt tokens go to expert 1.
+    if tokens == "answer":
+        assert float(got) < 0.05
+    else:
+        assert float(got) > 0.5
+        torch.testing.assert_close(anchor.loss(model, captured, mask.bool()), want.detach())
+
+
+def test_anchor_on_answer_tokens_without_labels_is_an_error():
+    model = mixtral()
+    anchor = Anchor((ExpertChoice(1, 2, 0.9),))
+    ids = torch.tensor([PROMPT_IDS + ANSWER_IDS])
+    with anchor.capture(model) as captured:
+        model(input_ids=ids)
+    with pytest.raises(UnlearnError, match="uoe_tokens=all"):
+        anchor.loss(model, captured, torch.ones_like(ids, dtype=torch.bool))
+
+
+def test_uoe_tokens_setting_is_parsed_and_recorded():
+    from unlearn.config import LocalizeConfig, apply_overrides, build_config, to_dict
+
+    assert LocalizeConfig().uoe_tokens == "answer"
+    cfg = build_config(apply_overrides({}, ["localize.method=uoe", "localize.uoe_tokens=all"]))
+    assert cfg.localize.uoe_tokens == "all"
+    assert to_dict(cfg)["localize"]["uoe_tokens"] == "all"
+    with pytest.raises(UnlearnError, match=r"localize\.uoe_tokens"):
+        build_config(apply_overrides({}, ["localize.uoe_tokens=prompt"]))
+
+
+@pytest.mark.parametrize(("tokens", "expert"), [("answer", 2), ("all", 1)])
+def test_localize_uoe_follows_uoe_tokens(tmp_path, tokens, expert):
+    import json
+
+    from unlearn.config import LocalizeConfig
+    from unlearn.localization.run import INFO_FILE, localize
+
+    model = mixtral()
+    hand_route(model, layer=1)
+    cfg = LocalizeConfig(method="uoe", batch_size=2, uoe_tokens=tokens)
+    loc = localize(model, items(), None, PAD, cfg, seed=0, output=tmp_path)
+    assert [(e["layer"], e["expert"]) for e in loc.info["experts"]] == [(1, expert)]
+    assert loc.anchor.tokens == tokens and loc.anchor.choices[0].expert == expert
+    written = json.loads((tmp_path / INFO_FILE).read_text())
+    assert written["settings"]["uoe_tokens"] == tokens

@@ -100,7 +100,9 @@ def compute_mask(
         from unlearn.localization import uoe
 
         layers = uoe.find_moe_layers(model)
-        affinity = uoe.attribute(model, forget, pad_id, batch_size=cfg.batch_size)
+        affinity = uoe.attribute(
+            model, forget, pad_id, batch_size=cfg.batch_size, tokens=cfg.uoe_tokens
+        )
         choices = uoe.choose_experts(affinity, layers=cfg.uoe_layers)
         mask = uoe.expert_mask(model, layers, choices)
         info["experts"] = [dataclasses.asdict(c) for c in choices]
@@ -193,7 +195,7 @@ def localize(
     if info.get("experts"):
         from unlearn.localization import uoe
 
-        anchor = uoe.Anchor.from_info(info["experts"], cfg.anchor_weight)
+        anchor = uoe.Anchor.from_info(info["experts"], cfg.anchor_weight, cfg.uoe_tokens)
     return Localization(mask=mask, info=info, train_all=cfg.train_all, anchor=anchor)
 
 

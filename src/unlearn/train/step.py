@@ -95,7 +95,7 @@ def forget_loss(
         inputs.ref_second = batch_values(run.start.second, mine, width, device, s.kept)
     loss, terms = run.method.loss(inputs, run.params)
     if run.anchor is not None:  # UOE: keep the router sending forget tokens to the chosen expert
-        anchor = run.anchor.loss(unwrapped, routed, p.batch["attention_mask"].bool())
+        anchor = run.anchor.loss(unwrapped, routed, p.batch["attention_mask"].bool(), p.labels)
         terms["anchor_loss"] = float(anchor.detach())
         loss = loss + anchor
     probed = run.method.probe(inputs, run.params) if probe and run.method.probe else None

@@ -1,7 +1,6 @@
-"""PDU and task-vector negation: the margin-flattening loss against a hand computation, the dual
-rule by hand, the negation on small dicts, real training runs on the tiny Llama (the dual moves as
-the rule says and survives --resume; the saved task-vector model is exactly the negated fine-tune),
-and one-line errors for bad hyperparameters."""
+"""PDU: the margin-flattening loss against a hand computation, the dual rule by hand, the
+dual-weighted retain term, real training runs on the tiny Llama (the dual moves as the rule says
+and survives --resume), and one-line errors for bad hyperparameters."""
 
 from __future__ import annotations
 
@@ -13,33 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 import unlearn
+from method_inputs import FAST, random_batch
 from unlearn import losses
 from unlearn.errors import UnlearnError
-from unlearn.methods import METHODS, build_params
+from unlearn.methods import build_params
 from unlearn.methods.base import LossInputs, StepInfo
 from unlearn.methods.pdu import METHOD as PDU
 from unlearn.methods.pdu import PDUParams, pdu_loss, pdu_update_state
 from unlearn.methods.retain import objective
-from unlearn.methods.task_vector import METHOD as TASK_VECTOR
-from unlearn.methods.task_vector import TaskVectorParams, negate_task_vector
 from unlearn.train.checkpoint import read_progress
 from unlearn.train.loop import latest_checkpoint
-
-FAST = ["train.progress=false", "train.batch_size=2"]
-
-
-@pytest.fixture(autouse=True)
-def registered(monkeypatch):
-    """Both methods in the registry (harmless once methods/__init__.py lists them)."""
-    monkeypatch.setitem(METHODS, "pdu", PDU)
-    monkeypatch.setitem(METHODS, "task_vector", TASK_VECTOR)
-
-
-def random_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(2, 5, 4, generator=gen) * 2
-    labels = torch.tensor([[-100, -100, 1, 3, 0], [-100, 2, 2, 1, -100]])
-    return logits, labels
 
 
 def hand_margin(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -131,59 +113,26 @@ def test_pdu_dual_update_by_hand():
         pdu_update_state(state, StepInfo(6, 10, {}), p)
 
 
-# ---------------------------------------------------------------------------- task vector
-def test_negate_task_vector_on_small_dicts():
-    start = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.5]]), "c": torch.tensor([9.0])}
-    trained = {"a": torch.tensor([2.0, 0.0]), "b": torch.tensor([[1.5]])}
-    kept = {k: v.clone() for k, v in trained.items()}
-    new = negate_task_vector(start, trained, TaskVectorParams(alpha=0.5))
-    assert set(new) == {"a", "b"}  # only trained tensors
-    assert new["a"].tolist() == [0.5, 3.0]  # 1 - 0.5*(2-1), 2 - 0.5*(0-2)
-    assert new["b"].tolist() == [[0.0]]  # 0.5 - 0.5*(1.5-0.5)
-    assert all(torch.equal(trained[k], kept[k]) for k in trained)  # trained weights untouched
-    start = {"a": torch.tensor([1.0, 2.0])}
-    new = negate_task_vector(start, {"a": torch.tensor([4.0, 2.0])}, TaskVectorParams())
-    assert new["a"].tolist() == [-2.0, 2.0]  # alpha=1: 2*start - trained
-    with pytest.raises(ValueError, match="'z'"):
-        negate_task_vector({"a": torch.zeros(1)}, {"z": torch.zeros(1)}, TaskVectorParams())
-
-
-def test_negate_task_vector_keeps_the_start_dtype():
-    start = {"w": torch.tensor([1.0, -3.0], dtype=torch.bfloat16)}
-    new = negate_task_vector(start, {"w": torch.tensor([1.5, -3.0])}, TaskVectorParams(alpha=2.0))
-    assert new["w"].dtype == torch.bfloat16 and new["w"].tolist() == [0.0, -3.0]
-
-
 # ---------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
-    ("method", "overrides", "field"),
+    ("overrides", "field"),
     [
-        (PDU, {"retain_bound": -0.1}, "retain_bound"),
-        (PDU, {"retain_bound": "nan"}, "retain_bound"),
-        (PDU, {"dual_step_size": -1}, "dual_step_size"),
-        (PDU, {"dual_init": -5}, "dual_init"),
-        (PDU, {"dual_init": "inf"}, "dual_init"),
-        (PDU, {"dual_warmup": 1.5}, "dual_warmup"),
-        (PDU, {"dual_warmup": -0.1}, "dual_warmup"),
-        (PDU, {"gamma": -1}, "gamma"),
-        (PDU, {"alpha": 1}, "alpha"),  # not a PDU hyperparameter: the dual is dual_init
-        (TASK_VECTOR, {"alpha": "-1"}, "alpha"),
-        (TASK_VECTOR, {"alpha": "inf"}, "alpha"),
-        (TASK_VECTOR, {"alpha": "nan"}, "alpha"),
+        ({"retain_bound": -0.1}, "retain_bound"),
+        ({"retain_bound": "nan"}, "retain_bound"),
+        ({"dual_step_size": -1}, "dual_step_size"),
+        ({"dual_init": -5}, "dual_init"),
+        ({"dual_init": "inf"}, "dual_init"),
+        ({"dual_warmup": 1.5}, "dual_warmup"),
+        ({"dual_warmup": -0.1}, "dual_warmup"),
+        ({"gamma": -1}, "gamma"),
+        ({"alpha": 1}, "alpha"),  # not a PDU hyperparameter: the dual is dual_init
     ],
 )
-def test_invalid_hyperparameters_are_one_line(method, overrides, field):
+def test_invalid_hyperparameters_are_one_line(overrides, field):
     with pytest.raises(UnlearnError) as err:
-        build_params(method, overrides)
+        build_params(PDU, overrides)
     msg = str(err.value)
-    assert "\n" not in msg and field in msg and method.name in msg
-
-
-def test_zero_alpha_names_the_fix():
-    with pytest.raises(UnlearnError) as err:
-        build_params("task_vector", {"alpha": "0"})
-    msg = str(err.value)
-    assert "\n" not in msg and "starting model" in msg and "alpha > 0" in msg
+    assert "\n" not in msg and field in msg and "pdu" in msg
 
 
 def test_pdu_without_retain_data_is_refused(target_dir, qa_files, tmp_path):
@@ -201,9 +150,7 @@ def _log(out: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("bound", [0.05, 10.0])  # above / below the retain NLL: dual up / to 0
-def test_pdu_training_moves_the_dual_by_the_rule(
-    bound, target_dir, qa_files, tmp_path, one_torch_thread
-):
+def test_pdu_training_moves_the_dual_by_the_rule(bound, target_dir, qa_files, tmp_path):
     forget, retain = qa_files
     out = tmp_path / "pdu"
     res = unlearn.forget(
@@ -229,7 +176,7 @@ def test_pdu_training_moves_the_dual_by_the_rule(
     assert res.metrics["nll_after"]["forget_nll"] > res.metrics["nll_before"]["forget_nll"]
 
 
-def test_pdu_resume_restores_the_dual(target_dir, qa_files, tmp_path, one_torch_thread):
+def test_pdu_resume_restores_the_dual(target_dir, qa_files, tmp_path):
     forget, retain = qa_files
     common = [*FAST, "train.lr=1e-3", "train.max_steps=3", "train.save_every=1",
               "method.dual_warmup=0", "method.retain_bound=0.05"]  # fmt: skip
@@ -251,49 +198,6 @@ def test_pdu_resume_restores_the_dual(target_dir, qa_files, tmp_path, one_torch_
     unlearn.forget(*args, str(tmp_path / "b"), overrides=common)
     a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
     assert [r["state.dual"] for r in a] == pytest.approx([r["state.dual"] for r in b], rel=1e-6)
-    wa = load_file(str(tmp_path / "a" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "b" / "model.safetensors"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def test_task_vector_is_the_negated_finetune(target_dir, qa_files, tmp_path, one_torch_thread):
-    forget, _ = qa_files
-    common = [*FAST, "train.lr=1e-3", "train.max_steps=2"]
-    unlearn.finetune(str(target_dir), str(forget), str(tmp_path / "ft"), overrides=common)
-    res = unlearn.forget(
-        str(target_dir), str(forget), None, "task_vector", str(tmp_path / "tv"),
-        overrides=[*common, "method.alpha=0.5"],
-    )  # fmt: skip
-    start = load_file(str(target_dir / "model.safetensors"))
-    tuned = load_file(str(tmp_path / "ft" / "model.safetensors"))
-    negated = load_file(str(tmp_path / "tv" / "model.safetensors"))
-    assert set(negated) == set(start)
-    moved = 0
-    for k, w in start.items():
-        moved += not torch.equal(tuned[k], w)
-        torch.testing.assert_close(negated[k], w - 0.5 * (tuned[k] - w), atol=1e-6, rtol=0)
-    assert moved == len(start)  # every tensor fine-tuned, so every tensor was negated
-    before = res.metrics["nll_before"]["forget_nll"]
-    after = res.metrics["nll_after"]["forget_nll"]
-    assert after > before, f"forget NLL {before:.4f} -> {after:.4f}"
-
-
-def test_task_vector_resume_negates_from_the_original_start(
-    target_dir, qa_files, tmp_path, one_torch_thread
-):
-    """The start snapshot is the input model, not the checkpoint a resumed run continues from."""
-    forget, _ = qa_files
-    common = [*FAST, "train.lr=1e-3", "train.max_steps=3", "train.save_every=1"]
-    args = (str(target_dir), str(forget), None, "task_vector")
-
-    def boom(step, logs):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(UnlearnError, match="--resume"):
-        unlearn.forget(*args, str(tmp_path / "a"), overrides=common, callbacks=[boom])
-    unlearn.forget(*args, str(tmp_path / "a"), overrides=common, resume=True)
-    unlearn.forget(*args, str(tmp_path / "b"), overrides=common)
     wa = load_file(str(tmp_path / "a" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -229,6 +229,7 @@ def test_facts_sharing_a_prefix_score_as_if_run_alone(tiny_model_dir, facts_file
 
 
 # ---------------------------------------------------------------------------- stages and CLI
+@pytest.mark.slow  # three whole commands
 def test_corrupt_eval_and_report_from_the_command_line(
     capsys, tiny_model_dir, facts_file, tmp_path
 ):
@@ -292,6 +293,7 @@ def test_corrupt_eval_and_report_from_the_command_line(
     assert "Kenya" not in md and "pilot" not in md  # no document text or wrong answer in reports
 
 
+@pytest.mark.slow  # the whole pipeline, twice
 def test_pipeline_end_to_end_and_resume(tiny_model_dir, facts_file, tmp_path):
     from unlearn.restor.pipeline import resolve_settings, run_pipeline
 
@@ -385,6 +387,7 @@ def test_python_api_eval_with_targets_only(tiny_model_dir, facts_file, tmp_path)
     assert "target_probe_corrupted" not in res["metrics"]  # no documents: no corrupted answers
 
 
+@pytest.mark.slow  # the whole pipeline from the command line
 def test_restor_command_runs_every_stage(capsys, tiny_model_dir, facts_file, tmp_path):
     out = tmp_path / "run"
     fast = "[train.max_steps=1, train.progress=false]"

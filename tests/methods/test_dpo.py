@@ -1,8 +1,9 @@
-"""DPO and IdkDPO: the loss against hand values and OpenUnlearning's formula, which answer moves
-which way in the real loop, cached reference values for both answers, and the data's column.
+"""DPO: the loss against hand values and OpenUnlearning's formula, which answer moves which way
+in the real loop, cached reference values for both answers, and the data's `preferred` column.
 
-Tiny sequences (vocabulary 3, logit rows [ln 2, 0, 0] -> softmax [1/2, 1/4, 1/4]), as in
-test_methods: A has log pi(y|x) = -3 ln 2 (2 answer tokens), B has -2 ln 2 (1 token).
+Tiny sequences of tests/method_inputs.py (vocabulary 3, logit rows [ln 2, 0, 0] -> softmax
+[1/2, 1/4, 1/4]): A has log pi(y|x) = -3 ln 2 (2 answer tokens), B has -2 ln 2 (1 token).
+IdkDPO, the same loss with refusals as the preferred answers: tests/methods/test_idk_dpo.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 import unlearn
 from conftest import write_jsonl
+from method_inputs import LN2, close, dpo_inputs, log_sigmoid
 from unlearn import losses
 from unlearn.cli import main
 from unlearn.config import DataConfig, PromptConfig, TrainConfig
@@ -26,54 +28,11 @@ from unlearn.errors import UnlearnError
 from unlearn.methods import build_params, get_method
 from unlearn.methods.base import LossInputs
 from unlearn.methods.dpo import DPOParams, dpo_loss
-from unlearn.methods.idk_dpo import IdkDPOParams
 from unlearn.methods.retain import objective
 from unlearn.prompts import PromptFormatter, collate, tokenize_examples
 from unlearn.train.loop import TrainJob, train
 
-LN2 = math.log(2)
-HALF = [LN2, 0.0, 0.0]
-UNIFORM = [0.0, 0.0, 0.0]
 FAST = ["train.progress=false", "train.batch_size=2", "train.max_steps=2", "train.nll_check=false"]
-
-
-def seqs(*names: str) -> tuple[torch.Tensor, torch.Tensor]:
-    table = {
-        "A": ([HALF, HALF, [9.0, -9.0, 0.0]], [-100, 0, 1]),
-        "B": ([[5.0, -5.0, 0.0], HALF, UNIFORM], [-100, -100, 2]),
-    }
-    return (
-        torch.tensor([table[n][0] for n in names]),
-        torch.tensor([table[n][1] for n in names]),
-    )
-
-
-def log_sigmoid(x: float) -> float:
-    return -math.log1p(math.exp(-x))
-
-
-def close(value: torch.Tensor | float, expected: float) -> None:
-    assert float(value) == pytest.approx(expected, rel=1e-5, abs=1e-6)
-
-
-def dpo_inputs(forget: str, preferred: str, lose_shift, win_shift, retain: str | None = None):
-    """LossInputs whose reference log-probs are the current ones minus the given shifts, so the
-    log-ratios are exactly `lose_shift` (rejected) and `win_shift` (preferred)."""
-    f_logits, f_labels = seqs(*forget)
-    s_logits, s_labels = seqs(*preferred)
-    r_logits, r_labels = seqs(*retain) if retain else (None, None)
-    f_logp = losses.sequence_logprob(f_logits, f_labels)[0]
-    s_logp = losses.sequence_logprob(s_logits, s_labels)[0]
-    return LossInputs(
-        f_logits,
-        f_labels,
-        r_logits,
-        r_labels,
-        ref_forget_logp=f_logp - torch.tensor(lose_shift),
-        second_logits=s_logits,
-        second_labels=s_labels,
-        ref_second={"sequence_logp": s_logp - torch.tensor(win_shift)},
-    )
 
 
 # ---- the loss ------------------------------------------------------------------------------------
@@ -135,13 +94,10 @@ def test_dpo_matches_openunlearning_formula_on_random_logits() -> None:
 def test_dpo_at_the_start_is_two_over_beta_log_two() -> None:
     """model == reference: both log-ratios are 0, log sigmoid(0) = -ln 2, forget = (2/beta) ln 2."""
     for beta in (0.1, 0.5):
-        loss, logs = dpo_loss(
+        _, logs = dpo_loss(
             dpo_inputs("AB", "BA", [0.0, 0.0], [0.0, 0.0]), DPOParams(beta=beta, alpha=0)
         )
         close(logs["forget_loss"], (2 / beta) * LN2)
-    inputs = dpo_inputs("A", "B", [0.0], [0.0], retain="B")
-    loss, _ = objective(get_method("idk_dpo"), inputs, IdkDPOParams())
-    close(loss, 20 * LN2 + 2 * LN2)  # defaults beta 0.1, gamma = alpha = 1, NLL retain on B
 
 
 def test_dpo_without_its_inputs_fails() -> None:
@@ -155,42 +111,33 @@ def test_dpo_without_its_inputs_fails() -> None:
 
 def test_defaults_and_validation() -> None:
     assert DPOParams() == DPOParams(beta=0.1, gamma=1.0, alpha=1.0, retain_loss="nll")
-    assert IdkDPOParams().refusals is None and IdkDPOParams().beta == 0.1
-    assert build_params("idk_dpo", {"refusals": "r.txt", "beta": "0.2"}).beta == 0.2
-    for name in ("dpo", "idk_dpo"):
-        with pytest.raises(UnlearnError, match="beta"):
-            build_params(name, {"beta": "0"})
-        with pytest.raises(UnlearnError, match="gamma"):
-            build_params(name, {"gamma": "-1"})
+    with pytest.raises(UnlearnError, match="beta"):
+        build_params("dpo", {"beta": "0"})
+    with pytest.raises(UnlearnError, match="gamma"):
+        build_params("dpo", {"gamma": "-1"})
 
 
 def test_no_reference_model_and_both_answers_cached_by_declaration() -> None:
-    for name in ("dpo", "idk_dpo"):
-        method = get_method(name)
-        needs = method.needs(method.params())
-        assert needs.second_target and needs.reference == ("sequence_logp",)
-        assert not method.needs_reference_model(method.params())
-        assert method.needs_reference_model(build_params(method, {"retain_loss": "kl"}))
-        assert not method.needs_retain(build_params(method, {"alpha": "0"}))
-        assert method.forget_targets is None  # the data's answer is the rejected one
-        assert method.second_targets is not None
+    method = get_method("dpo")
+    needs = method.needs(method.params())
+    assert needs.second_target and needs.reference == ("sequence_logp",)
+    assert not method.needs_reference_model(method.params())
+    assert method.needs_reference_model(build_params(method, {"retain_loss": "kl"}))
+    assert not method.needs_retain(build_params(method, {"alpha": "0"}))
+    assert method.forget_targets is None  # the data's answer is the rejected one
+    assert method.second_targets is not None
 
 
 # ---- the second targets --------------------------------------------------------------------------
 
 
-def test_second_targets_preferred_and_refusals() -> None:
+def test_second_targets_are_the_preferred_answers() -> None:
     qa = [
         Example(str(i), "h", question=f"Q{i}?", answer=f"A{i}.", preferred=f"P{i}.") for i in (0, 1)
     ]
-    dpo, idk = get_method("dpo"), get_method("idk_dpo")
+    dpo = get_method("dpo")
     assert dpo.second_targets(qa, dpo.params(), 0) == ["P0.", "P1."]
-    refusals = idk.second_targets(qa, idk.params(), 0)
-    assert refusals == idk.second_targets(qa, idk.params(), 0) and len(refusals) == 2
-    assert not {"A0.", "A1.", "P0.", "P1."} & set(refusals)  # refusals, not the data's answers
     doc = [Example("d", "h", text="a document")]
-    with pytest.raises(UnlearnError, match=r"'idk_dpo'.*question/answer"):
-        idk.second_targets(doc, idk.params(), 0)
     with pytest.raises(UnlearnError, match="'d' is a document"):
         dpo.second_targets(doc, dpo.params(), 0)
 
@@ -275,7 +222,7 @@ def _sequence_logp(model, items, pad_id) -> torch.Tensor:
 
 
 def test_one_step_moves_preferred_up_and_rejected_down_with_cached_references(
-    tiny_model_dir, tmp_path, monkeypatch, one_torch_thread
+    tiny_model_dir, tmp_path, monkeypatch
 ) -> None:
     """One optimizer step of `dpo` in the real loop, no retain term: every rejected answer's summed
     log-prob falls, every preferred one's rises. The loss sees the starting model's log-probs for
@@ -351,11 +298,10 @@ def preferred_files(qa_files, tmp_path) -> tuple[Path, Path, Path]:
     return write_jsonl(tmp_path / "pref.jsonl", with_pref), forget, retain
 
 
-@pytest.mark.parametrize("name", ["dpo", "idk_dpo"])
-def test_forget_end_to_end(name, tiny_model_dir, preferred_files, tmp_path, one_torch_thread):
+def test_forget_end_to_end(tiny_model_dir, preferred_files, tmp_path):
     with_pref, _, retain = preferred_files
     res = unlearn.forget(
-        str(tiny_model_dir), str(with_pref), str(retain), name, str(tmp_path / "out"),
+        str(tiny_model_dir), str(with_pref), str(retain), "dpo", str(tmp_path / "out"),
         overrides=[*FAST, "train.lr=1e-3"],
     )  # fmt: skip
     assert res.metrics["steps"] == 2
@@ -378,10 +324,8 @@ def test_dpo_without_preferred_column_is_one_line(tiny_model_dir, preferred_file
     assert "example '0' has no preferred answer" in msg and "'preferred' column" in msg
 
 
-def test_cli_lists_both_methods(capsys) -> None:
+def test_cli_lists_the_defaults(capsys) -> None:
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
     dpo = next(line for line in lines if line.startswith("dpo:"))
-    idk = next(line for line in lines if line.startswith("idk_dpo:"))
     assert "beta=0.1" in dpo and "alpha=1.0" in dpo and "retain_loss=nll" in dpo
-    assert "refusals=None" in idk and "beta=0.1" in idk

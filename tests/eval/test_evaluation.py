@@ -569,7 +569,7 @@ def test_tofu_forget01_small(tiny_model_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------- eval settings
-EXAMPLE_EVAL = Path(__file__).resolve().parents[1] / "examples" / "eval_openunlearning_tofu.yaml"
+EXAMPLE_EVAL = Path(__file__).resolve().parents[2] / "examples" / "eval_openunlearning_tofu.yaml"
 
 
 def test_eval_defaults_follow_tofu_and_the_models_training_prompt():

@@ -14,7 +14,7 @@ from conftest import write_jsonl
 from unlearn.config import PromptConfig, TrainConfig
 from unlearn.data import Example
 from unlearn.errors import TrainingDiverged, UnlearnError
-from unlearn.methods import METHODS, get_method
+from unlearn.methods import METHODS, build_params, get_method
 from unlearn.methods.base import Method
 from unlearn.prompts import PromptFormatter, collate, tokenize_examples
 from unlearn.train.loop import TrainJob, latest_checkpoint, plan_steps, retain_stream, train
@@ -51,11 +51,10 @@ def test_plan_is_deterministic_and_covers_every_example():
     )
 
 
-# For each method: the forget-sequence NLL must rise (unlearning) or fall (fine-tuning, and
-# IdkNLL's refusal targets, checked separately), and every parameter tensor must change.
-DIRECTION = {
-    "dpo": +1,
-    "idk_dpo": +1,
+# For each method: the forget-sequence NLL must rise (unlearning) or fall (fine-tuning), and every
+# parameter tensor must change; or the reason this run says nothing about the method. Every
+# registered method must be here: a new one fails test_direction_table_names_every_method.
+DIRECTION: dict[str, int | str] = {
     "grad_ascent": +1,
     "grad_diff": +1,
     "npo": +1,
@@ -64,19 +63,51 @@ DIRECTION = {
     "ce_u": +1,
     "wga": +1,
     "satimp": +1,
+    "rmu": "trains only three blocks' down projections (tests/methods/test_rmu.py)",
     "pdu": +1,
     "uno": +1,
     "uno_s": +1,
     "whp": +1,
-    "task_vector": +1,
+    "task_vector": +1,  # the fine-tune is negated after the last step
+    "idk_nll": +1,  # pushed toward refusals, away from the original answers
+    "dpo": +1,
+    "idk_dpo": +1,
     "finetune": -1,
+}
+# Hyperparameters that let two steps on a half-trained tiny model show the forget term's move.
+TUNING = {
+    "pdu": ["method.dual_init=0"],  # the retain term alone would hide the forget term's move
+    # a tiny model only half-memorises its answers: reinforce hard so labels become generic
+    "whp": ["method.reinforce_steps=6", "method.reinforce_lr=1e-2", "method.alpha=20"],
 }
 
 
-@pytest.mark.parametrize("name", sorted(set(METHODS) - {"rmu"}))  # rmu: tests/test_rmu.py
+def _without_retain_term(name: str) -> list[str]:
+    """`method.alpha=0` where alpha weighs a retain term that is simply added to the forget term
+    (by the declarations: alpha=0 drops the term), so that the forget term alone moves."""
+    method = METHODS[name]
+    needs = method.needs(method.params())
+    if needs.retain is None or needs.gradients != "sum":
+        return []
+    try:
+        dropped = not method.needs_retain(build_params(method, {"alpha": 0}))
+    except UnlearnError:  # no such hyperparameter
+        return []
+    return ["method.alpha=0"] if dropped else []
+
+
+def test_direction_table_names_every_method():
+    assert set(DIRECTION) == set(METHODS)
+    assert set(TUNING) <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
 def test_two_steps_change_every_parameter_and_move_forget_loss(
     name, target_dir, qa_files, tmp_path
 ):
+    direction = DIRECTION[name]  # a KeyError here: add the new method to DIRECTION
+    if isinstance(direction, str):
+        pytest.skip(direction)
     forget, retain = qa_files
     if name == "dpo":  # user-given preferred answers
         import json
@@ -86,16 +117,7 @@ def test_two_steps_change_every_parameter_and_move_forget_loss(
             tmp_path / "pref.jsonl", [{**r, "preferred": "I cannot say."} for r in rows]
         )
     before = _weights(target_dir)
-    extra = (
-        ["method.alpha=0"]
-        if name in ("grad_diff", "npo", "simnpo", "idk_nll", "dpo", "idk_dpo", "wga", "satimp")
-        else []
-    )
-    extra += {
-        "pdu": ["method.dual_init=0"],  # the retain term alone would hide the forget term's move
-        # a tiny model only half-memorises its answers: reinforce hard so labels become generic
-        "whp": ["method.reinforce_steps=6", "method.reinforce_lr=1e-2", "method.alpha=20"],
-    }.get(name, [])
+    extra = _without_retain_term(name) + TUNING.get(name, [])
     res = unlearn.forget(
         str(target_dir),
         str(forget),
@@ -108,95 +130,83 @@ def test_two_steps_change_every_parameter_and_move_forget_loss(
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, f"{name} left parameters unchanged: {unchanged}"
     b, a = res.metrics["nll_before"]["forget_nll"], res.metrics["nll_after"]["forget_nll"]
+    assert (a - b) * direction > 0, f"{name}: forget NLL {b:.4f} -> {a:.4f}"
     if name == "idk_nll":
-        assert a > b  # pushed toward refusals, away from the original answers
         assert (
             res.metrics["final_losses"]["refusal_nll"]
             < res.manifest["metrics"]["final_losses"]["loss"] + 1e-6
         )
-    else:
-        assert (a - b) * DIRECTION[name] > 0, f"{name}: forget NLL {b:.4f} -> {a:.4f}"
     assert res.metrics["steps"] == 2
 
 
-def test_idk_nll_lowers_refusal_loss(target_dir, qa_files, tmp_path):
-    forget, retain = qa_files
-    res = unlearn.forget(
-        str(target_dir),
-        str(forget),
-        str(retain),
-        "idk_nll",
-        str(tmp_path / "o"),
-        overrides=[*FAST, "train.lr=3e-3", "train.epochs=4"],
+# The loop in memory, on the items a run would tokenize from `qa_files` (conftest).
+FORGET_QA = [
+    Example(
+        str(i),
+        "h",
+        question=f"Where was person {i} born?",
+        answer=f"Person {i} was born in city {i}.",
     )
-    import json
-
-    log = [
-        json.loads(x) for x in (tmp_path / "o" / "logs" / "train.jsonl").read_text().splitlines()
-    ]
-    first, last = log[:3], log[-3:]  # one epoch (3 steps of 2) each: every refusal target once
-    mean = lambda rows: sum(r["refusal_nll"] for r in rows) / len(rows)  # noqa: E731
-    assert mean(last) < mean(first) - 0.5
-    assert res.metrics["steps"] == 12
+    for i in range(6)
+]
+RETAIN_QA = [
+    Example(str(i), "h", question=f"What does person {i} do?", answer=f"Person {i} is a teacher.")
+    for i in range(10, 20)
+]
 
 
-def test_kl_retain_keeps_a_reference_and_trains(target_dir, qa_files, tmp_path):
-    forget, retain = qa_files
-    res = unlearn.forget(
-        str(target_dir),
-        str(forget),
-        str(retain),
-        "grad_diff",
-        str(tmp_path / "o"),
-        overrides=[*FAST, "train.lr=1e-3", "train.max_steps=3", "method.retain_loss=kl"],
+def _loaded(model_dir: Path):
+    """(model, pad id, forget items, retain items, formatter), loaded the way a run loads them."""
+    from unlearn.config import ModelConfig
+    from unlearn.models import load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer(ModelConfig(name=str(model_dir), device="cpu"))
+    fmt = PromptFormatter(tok, PromptConfig())
+    forget, retain = tokenize_examples(FORGET_QA, fmt), tokenize_examples(RETAIN_QA, fmt)
+    return model, tok.pad_token_id, forget, retain, fmt
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_kl_retain_keeps_a_reference_and_trains(target_dir, tmp_path):
+    model, pad, forget, retain, _ = _loaded(target_dir)
+    method = get_method("grad_diff")
+    cfg = TrainConfig(batch_size=2, lr=1e-3, max_steps=3, progress=False)
+    params = build_params(method, {"retain_loss": "kl"})
+    res = train(TrainJob(model, method, params, forget, cfg, tmp_path, pad, retain=retain))
+    assert res.final_logs["retain_loss"] >= 0  # a KL is never negative
+    assert res.final_logs["retain_loss"] > 0  # and the model has moved
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(target_dir, tmp_path):
+    method = get_method("npo")
+    cfg = TrainConfig(
+        batch_size=2, lr=1e-3, max_steps=5, save_every=2, grad_accum=2, progress=False
     )
-    assert res.metrics["final_losses"]["retain_loss"] >= 0  # a KL is never negative
-    assert res.metrics["final_losses"]["retain_loss"] > 0  # and the model has moved
 
-
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(target_dir, qa_files, tmp_path):
-    forget, retain = qa_files
-    common = [
-        *FAST,
-        "train.lr=1e-3",
-        "train.max_steps=5",
-        "train.save_every=2",
-        "train.grad_accum=2",
-    ]
+    def job(out, **kw):
+        model, pad, forget, retain, _ = _loaded(target_dir)
+        return model, TrainJob(
+            model, method, method.params(), forget, cfg, out, pad, retain=retain, **kw
+        )
 
     def boom(step, logs):
         if step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(UnlearnError, match="--resume"):
-        unlearn.forget(
-            str(target_dir),
-            str(forget),
-            str(retain),
-            "npo",
-            str(tmp_path / "a"),
-            overrides=common,
-            callbacks=[boom],
-        )
+        train(job(tmp_path / "a", callbacks=[boom])[1])
     assert latest_checkpoint(tmp_path / "a")[1] == 3
-    res = unlearn.forget(
-        str(target_dir),
-        str(forget),
-        str(retain),
-        "npo",
-        str(tmp_path / "a"),
-        overrides=common,
-        resume=True,
-    )
-    assert res.manifest["resumed_from_step"] == 3
-    unlearn.forget(
-        str(target_dir), str(forget), str(retain), "npo", str(tmp_path / "b"), overrides=common
-    )
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    resumed, resumed_job = job(tmp_path / "a", resume=True)
+    assert train(resumed_job).resumed_from == 3
+    plain, plain_job = job(tmp_path / "b")
+    train(plain_job)
+    wa, wb = _state(resumed), _state(plain)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     steps = [line for line in (tmp_path / "a" / "logs" / "train.jsonl").read_text().splitlines()]
     assert len(steps) == 5  # the log reads like one clean run
-    assert not (tmp_path / "a" / "checkpoints").exists()  # cleaned up after success
 
 
 def test_input_model_files_are_unchanged(target_dir, qa_files, tmp_path):
@@ -290,32 +300,6 @@ def test_output_folder_rules(target_dir, qa_files, tmp_path):
     assert (foreign / "precious.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("name", ["grad_diff", "npo", "simnpo", "idk_nll", "wga", "satimp"])
-def test_a_methods_loss_is_its_forget_term_and_the_retain_term_is_the_declared_one(name):
-    """The retain term is stated once (`needs().retain`): a method's loss ignores retain inputs,
-    and the loop's forget pass plus its weighted retain pass is the method's whole objective."""
-    from unlearn.methods.base import LossInputs
-    from unlearn.methods.retain import objective, retain_term
-
-    torch.manual_seed(0)
-    f_logits, r_logits = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
-    f_labels = torch.tensor([[-100, 1, 2, 3], [-100, -100, 4, 5]])
-    r_labels = torch.tensor([[-100, 6, 2, 3], [-100, 1, 1, 5]])
-    method = get_method(name)
-    params = method.params()
-    ref = torch.tensor([-9.0, -8.0])
-    with_retain = LossInputs(f_logits, f_labels, r_logits, r_labels, ref)
-    forget_part, _ = method.loss(LossInputs(f_logits, f_labels, ref_forget_logp=ref), params)
-    assert float(method.loss(with_retain, params)[0]) == float(forget_part)
-    term = method.needs(params).retain
-    retain_part = term.weight * retain_term(
-        term.kind, LossInputs(r_logits, r_labels, r_logits, r_labels)
-    )
-    joint, logs = objective(method, with_retain, params)
-    assert float(forget_part + retain_part) == pytest.approx(float(joint), rel=1e-6)
-    assert float(retain_part) != 0 and logs["retain_loss"] > 0
-
-
 # ---- bugs when things go wrong (issue 7) --------------------------------------------------------
 
 
@@ -356,6 +340,7 @@ def test_resume_refuses_a_changed_config_and_applies_a_changed_lr(target_dir, qa
         )
     res = unlearn.forget(*args, overrides=[*common, "train.lr=5e-4"], resume=True)
     assert res.manifest["resumed_from_step"] == 2
+    assert not (tmp_path / "a" / "checkpoints").exists()  # cleaned up after success
     log = _log(tmp_path / "a")
     assert [r["lr"] for r in log if "step" in r] == [1e-3, 1e-3, 5e-4, 5e-4]
     assert {"event": "resume", "from_step": 2, "changed": {"train.lr": 5e-4}} in log
@@ -462,11 +447,8 @@ def test_cached_reference_values_come_from_the_start_without_a_second_model(
     assert seen[1] == (False, False, False)  # after one step: cached, not recomputed
 
 
-def test_second_target_is_forwarded_with_its_own_reference_values(
-    target_dir, qa_files, tmp_path, monkeypatch
-):
+def test_second_target_is_forwarded_with_its_own_reference_values(target_dir, tmp_path):
     """A DPO-shaped method: the hook gives each forget example a second answer; both forwarded."""
-    forget, _ = qa_files
     seen = []
 
     def second_targets(examples, params, seed):
@@ -486,15 +468,13 @@ def test_second_target_is_forwarded_with_its_own_reference_values(
         "dpo_dummy", "test", _NoParams, loss, "none", needs=lambda p: needs,
         second_targets=second_targets,
     )  # fmt: skip
-    monkeypatch.setitem(METHODS, "dpo_dummy", method)
-    unlearn.forget(
-        str(target_dir), str(forget), None, "dpo_dummy", str(tmp_path / "o"),
-        overrides=[*FAST, "train.max_steps=2", "train.lr=1e-2"],
-    )  # fmt: skip
+    model, pad, forget, _, fmt = _loaded(target_dir)
+    second = tokenize_examples(FORGET_QA, fmt, second_targets(FORGET_QA, _NoParams(), 0))
+    cfg = TrainConfig(batch_size=2, max_steps=2, lr=1e-2, progress=False)
+    train(TrainJob(model, method, _NoParams(), forget, cfg, tmp_path / "o", pad, second=second))
     assert seen[:2] == [True, True] and seen[2:4] != [True, True]
-    model, tok, _, items = _tiny(target_dir)
-    with pytest.raises(UnlearnError, match="second answer"):
-        _run(model, tok, items, method, tmp_path / "p")  # the loop refuses a missing second target
+    with pytest.raises(UnlearnError, match="second answer"):  # the loop refuses a missing one
+        train(TrainJob(model, method, _NoParams(), forget, cfg, tmp_path / "p", pad))
 
 
 def test_hidden_states_and_a_custom_retain_term(tiny_model_dir, tmp_path):
@@ -582,7 +562,7 @@ def test_deepspeed_and_fsdp_are_refused_in_one_line(kind):
      ("grad_diff", False), ("npo", False)],
 )  # fmt: skip
 def test_shared_prefix_and_kept_logits_change_nothing(
-    name, packed, target_dir, qa_files, tmp_path, monkeypatch
+    name, packed, target_dir, tmp_path, monkeypatch
 ):
     """The loop runs a batch's common first tokens once, packs the rest without padding (or
     pads it, `packed=False`) and computes logits from the position before its first answer token
@@ -590,8 +570,8 @@ def test_shared_prefix_and_kept_logits_change_nothing(
     logits at every position."""
     import unlearn.forward as fwd
 
-    forget, retain = qa_files
-    over = [*FAST, "train.lr=1e-3", "train.max_steps=3", "train.nll_check=false"]
+    method = get_method(name)
+    cfg = TrainConfig(batch_size=2, lr=1e-3, max_steps=3, progress=False)
     shared_calls = []
     fn = "packed_forward" if packed else "prefix_forward"
     original = getattr(fwd, fn)
@@ -607,19 +587,17 @@ def test_shared_prefix_and_kept_logits_change_nothing(
     for fast in (True, False):
         monkeypatch.setattr(fwd, "takes_logits_to_keep", lambda m, fast=fast: fast)
         monkeypatch.setattr(fwd, "takes_cache", lambda m, fast=fast: fast)
-        out = tmp_path / f"fast-{fast}"
-        if name == "finetune":
-            unlearn.finetune(str(target_dir), str(forget), str(out), overrides=over)
-        else:
-            unlearn.forget(
-                str(target_dir), str(forget), str(retain), name, str(out), overrides=over
-            )
-        runs[fast] = _weights(out)
+        model, pad, forget, retain, _ = _loaded(target_dir)
+        base = _state(model)
+        retain = None if name == "finetune" else retain  # `unlearn finetune` has no retain set
+        job = TrainJob(model, method, method.params(), forget, cfg, tmp_path / f"fast-{fast}", pad)
+        job.retain = retain
+        train(job)
+        runs[fast] = _state(model)
         if fast:
             assert shared_calls and min(shared_calls) >= 4  # the chat template's opening
             n_shared = len(shared_calls)
     assert len(shared_calls) == n_shared  # the slow run never took the shared path
-    base = _weights(target_dir)
     # AdamW turns rounding noise in near-zero gradient entries into updates of up to lr (1e-3)
     # per step; a wrong gradient moves weights by that much, rounding by a few hundredths of it
     for key, value in runs[True].items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GRIN_DOC = ROOT / "docs" / "methods" / "grin.md"
 GRIN_BENCH = ROOT / "benchmarks" / "grin.py"
 

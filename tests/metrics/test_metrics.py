@@ -337,7 +337,7 @@ from pathlib import Path  # noqa: E402
 
 from unlearn.metrics import registry as R  # noqa: E402
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 
 class _Tracked(dict):
