@@ -147,11 +147,6 @@ requires_smollm2 = pytest.mark.skipif(
 requires_tofu = pytest.mark.skipif(not TOFU.is_dir(), reason="needs ../shared/data/tofu")
 
 
-# Files that another change is rewriting: marked `slow` from here until the file carries its own
-# `pytestmark = pytest.mark.slow` (then drop its entry).
-SLOW_FILES = {"test_distributed.py": "two processes started by torchrun"}
-
-
 def pytest_configure(config):
     import torch
 
@@ -160,7 +155,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:  # the real model is always slow
-        if item.path.name in SLOW_FILES or item.get_closest_marker("smollm2"):
+        if item.get_closest_marker("smollm2"):
             item.add_marker(pytest.mark.slow)
 
 

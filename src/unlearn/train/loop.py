@@ -67,6 +67,8 @@ def train(job: TrainJob) -> TrainResult:
     t0 = time.time()
     was_training = job.model.training
     run = setup.build(job)
+    if run.accelerator.num_processes > 1:
+        _destroy_process_group_at_exit()
     start, resumed_from, history = setup.restore(run, job.resume)
     bar = tqdm(
         total=run.total,
@@ -123,6 +125,24 @@ def train(job: TrainJob) -> TrainResult:
         reference=run.start.forget,
         perturbed=run.perturbed,
     )
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the process group when this process exits, while the interpreter still runs (not
+    after a run: a later run in the same process reuses it). Left to interpreter teardown, a gloo
+    worker thread releasing a finished all-reduce's tensors cannot take the GIL and the process
+    aborts with "terminate called without an active exception". Registered once."""
+    import atexit
+
+    from accelerate import PartialState
+
+    global _EXIT_HOOKED
+    if not _EXIT_HOOKED:
+        atexit.register(PartialState().destroy_process_group)
+        _EXIT_HOOKED = True
+
+
+_EXIT_HOOKED = False
 
 
 def _save(run: RunState, completed: int) -> Path:

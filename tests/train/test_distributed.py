@@ -6,6 +6,12 @@ multi-process path needs mpirun), so the ranks are started by torchrun, which is
 launch --multi_gpu` runs; the script asserts it really ran as two processes. NPO with a KL retain term covers cached reference values, the frozen
 reference copy and the separate retain backward; 7 forget examples in batches of 3 make uneven
 shards (2 + 1 examples) and a micro-batch (1 example) smaller than the world size.
+
+A rank that exits with its process group alive can abort at interpreter teardown ("terminate
+called without an active exception", issue 16): a gloo worker thread dropping a finished
+all-reduce's tensors needs the GIL, and a finalizing interpreter kills it mid-destructor. `train`
+destroys the group at exit, before teardown; the script checks that from an exit handler that
+runs after the product's, so the check does not depend on losing the race.
 """
 
 from __future__ import annotations
@@ -16,10 +22,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = r"""
-import sys, torch
+import atexit, os, sys, torch
+import torch.distributed as dist
+
+def record_exit():  # registered before train(), so it runs after the exit handler train() adds
+    gloo = [t for t in os.listdir("/proc/self/task")
+            if "gloo" in open(f"/proc/self/task/{t}/comm").read()]
+    open(f"{sys.argv[1]}/exit{os.environ.get('RANK', '0')}.txt", "w").write(
+        f"initialized={dist.is_initialized()} gloo_threads={len(gloo)}")
+
+atexit.register(record_exit)
 from transformers import LlamaConfig, LlamaForCausalLM
 from unlearn.config import TrainConfig
 from unlearn.methods import build_params, get_method
@@ -66,6 +82,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_match_one(tmp_path: Path) -> None:
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
@@ -77,6 +94,9 @@ def test_two_cpu_processes_match_one(tmp_path: Path) -> None:
     done = subprocess.run(launch, env=env, timeout=180, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (one / "world.txt").read_text() == "1" and (two / "world.txt").read_text() == "2"
+    # every rank destroyed its process group (and so joined gloo's threads) before teardown
+    for rank in (0, 1):
+        assert (two / f"exit{rank}.txt").read_text() == "initialized=False gloo_threads=0"
     a = torch.load(one / "weights.pt")
     b = torch.load(two / "weights.pt")
     start = torch.load(one / "start.pt")
