@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _page import provenance
+from _page import git_commit, provenance
 from grin import COLUMNS, UTILITY_BAR, Experiment, _fmt
 from grin import PAGE as GRIN_PAGE
 
@@ -155,7 +155,7 @@ def findings(exp: Experiment, groups: dict[str, list[str]]) -> tuple[list[str], 
 
 
 def write_page(exp: Experiment, groups: dict[str, list[str]], lr: float, argv: list[str],
-               load: str, run_s: float | None) -> str:  # fmt: skip
+               load: str, run_s: float | None, commit: str | None = None) -> str:  # fmt: skip
     t_util = exp.target_metrics["model_utility"]
     lines = [
         "# GRIN's noise: clean or noised reference",
@@ -187,7 +187,8 @@ def write_page(exp: Experiment, groups: dict[str, list[str]], lr: float, argv: l
             f" That run took {run_s / 60:.1f} min in all (setup, mask, rows, evaluations)."
             if run_s
             else ""
-        ),
+        )
+        + (f" The rows were measured at commit {commit}." if commit else ""),
         "",
     ]
     for method, names in groups.items():
@@ -214,15 +215,18 @@ def main() -> None:
     exp = Experiment(Path(args.out), quick=False)
     lr = table_lr()
     print(f"[grin_reference] lr {lr:g}, load {load}", flush=True)
+    commit = git_commit()  # when the rows are measured: HEAD may move during a long run
     rows = Path(args.out) / "rows"
     cached = {p.name for p in rows.glob("*.json")} if rows.is_dir() else set()
     groups = run_rows(exp, args.methods.split(","), lr)
     # the load and duration of the run that measured rows; a regeneration from cache keeps them
     meta = Path(args.out) / "run.json"
     if {p.name for p in rows.glob("*.json")} != cached or not meta.is_file():
-        meta.write_text(json.dumps({"load": load, "seconds": round(time.perf_counter() - t0)}))
+        meta.write_text(
+            json.dumps({"load": load, "seconds": round(time.perf_counter() - t0), "commit": commit})
+        )
     run = json.loads(meta.read_text())
-    text = write_page(exp, groups, lr, sys.argv[1:], run["load"], run["seconds"])
+    text = write_page(exp, groups, lr, sys.argv[1:], run["load"], run["seconds"], run.get("commit"))
     print(text)
 
 
