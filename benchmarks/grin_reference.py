@@ -32,7 +32,7 @@ from grin import PAGE as GRIN_PAGE
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "results" / "grin_reference.md"
 TOP_FRACTION = 0.05
-NOISE_STD = 0.5
+NOISES = (0.5, 0.1)  # the sweep's levels where noise changed results: strong, then mild
 FALLBACK_LR = 4.2e-4  # grin.md's chosen lr when this was written
 REFERENCES = ("clean", "noised")
 # what "reference" means for each method, and its extra overrides
@@ -51,25 +51,23 @@ def table_lr() -> float:
     return FALLBACK_LR
 
 
-def row_name(method: str, ref: str) -> str:
-    return f"{method}: reference={ref}"
+def row_name(method: str, noise: float, ref: str) -> str:
+    return f"{method} noise={noise:g}: reference={ref}"
 
 
 def run_rows(exp: Experiment, methods: list[str], lr: float) -> dict[str, list[str]]:
     mask = exp.mask("grin", TOP_FRACTION)
     groups: dict[str, list[str]] = {}
-    for method in methods:
-        extra = METHODS[method][1]
-        names = []
-        for ref in REFERENCES:
-            name = row_name(method, ref)
-            exp.row(
-                name,
-                method,
-                exp.localized(mask, NOISE_STD, lr, [*extra, f"localize.reference={ref}"]),
-            )
-            names.append(name)
-        groups[method] = names
+    for noise in NOISES:
+        for method in methods:
+            extra = METHODS[method][1]
+            names = []
+            for ref in REFERENCES:
+                name = row_name(method, noise, ref)
+                settings = [*extra, f"localize.reference={ref}"]
+                exp.row(name, method, exp.localized(mask, noise, lr, settings))
+                names.append(name)
+            groups[f"{method} noise={noise:g}"] = names
     return groups
 
 
@@ -171,10 +169,10 @@ def write_page(exp: Experiment, groups: dict[str, list[str]], lr: float, argv: l
         "target fine-tuned on 12 fictitious people, its retain model (8 retain people only), 4 "
         f"forget people unlearned in 24 optimizer steps (3 epochs, batch 5, retain weight alpha = "
         f"{exp.settings.retain_weight}), evaluated on the `people` suite against the retain model. "
-        f"Every row: GRIN mask at top_fraction {TOP_FRACTION:g}, noise_std {NOISE_STD:g} (the "
-        f"sweep level where noise visibly changed results), lr {lr:g} (grin.py's chosen lr for "
+        f"Every row: GRIN mask at top_fraction {TOP_FRACTION:g}, noise_std "
+        f"{' or '.join(f'{n:g}' for n in NOISES)} (sweep levels where noise changed results), lr {lr:g} (grin.py's chosen lr for "
         "localized rows), only the selected weights train, training seed 0 (so the same noise in "
-        "every row). The two rows of a method differ only in `localize.reference`. Better: grin.py's "
+        "every row). The two rows of a method at a noise level differ only in `localize.reference`. Better: grin.py's "
         f"rule, the highest forget quality among rows keeping >= {UTILITY_BAR}x the target's model "
         f"utility ({UTILITY_BAR * t_util:.3f}), else the highest utility.",
         "",
@@ -188,11 +186,12 @@ def write_page(exp: Experiment, groups: dict[str, list[str]], lr: float, argv: l
             if run_s
             else ""
         )
-        + (f" The rows were measured at commit {commit}." if commit else ""),
+        + (f" Rows measured: {commit}." if commit else ""),
         "",
     ]
     for method, names in groups.items():
-        lines += [f"## {METHODS[method][0]}", "", *_table(exp, names), ""]
+        name, noise = method.split(" noise=")
+        lines += [f"## {METHODS[name][0]}; noise_std {noise}", "", *_table(exp, names), ""]
     found, _ = findings(exp, groups)
     lines += found
     text = "\n".join(lines) + "\n"
@@ -220,13 +219,20 @@ def main() -> None:
     cached = {p.name for p in rows.glob("*.json")} if rows.is_dir() else set()
     groups = run_rows(exp, args.methods.split(","), lr)
     # the load and duration of the run that measured rows; a regeneration from cache keeps them
+    # (one entry per run that measured rows: when, under what load, at which commit)
     meta = Path(args.out) / "run.json"
-    if {p.name for p in rows.glob("*.json")} != cached or not meta.is_file():
-        meta.write_text(
-            json.dumps({"load": load, "seconds": round(time.perf_counter() - t0), "commit": commit})
-        )
-    run = json.loads(meta.read_text())
-    text = write_page(exp, groups, lr, sys.argv[1:], run["load"], run["seconds"], run.get("commit"))
+    runs = json.loads(meta.read_text()).get("runs", []) if meta.is_file() else []
+    new = sorted({p.name for p in rows.glob("*.json")} - cached)
+    if new:
+        seconds = round(time.perf_counter() - t0)
+        runs.append({"load": load, "seconds": seconds, "commit": commit, "rows": new})
+        meta.write_text(json.dumps({"runs": runs}))
+    where = "; ".join(
+        f"{len([r for r in run['rows'] if not r.endswith('.spec.json')])} files at {run['commit']} "
+        f"(load {run['load']}, {run['seconds'] / 60:.1f} min)"
+        for run in runs
+    )
+    text = write_page(exp, groups, lr, sys.argv[1:], runs[0]["load"] if runs else load, None, where)
     print(text)
 
 
