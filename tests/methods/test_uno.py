@@ -4,12 +4,11 @@ gradient combination against hand autograd: tests/train/test_gradients.py."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import unlearn
+from method_inputs import random_batch, weighted_ascent_hand_loss
 from unlearn.errors import UnlearnError
 from unlearn.methods import build_params, get_method
 from unlearn.methods.base import LossInputs
@@ -18,25 +17,9 @@ from unlearn.methods.uno import UNOParams, forget_probe, substitute_loss
 FAST = ["train.progress=false", "train.batch_size=2"]
 
 
-def random_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(2, 5, 4, generator=gen) * 2
-    labels = torch.tensor([[-100, -100, 1, 3, 0], [-100, 2, 2, 1, -100]])
-    return logits, labels
-
-
 def hand_nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean -log p(y_t | y_<t) over answer tokens, one token at a time in plain floats."""
-    total, count = 0.0, 0
-    for b in range(labels.shape[0]):
-        for t in range(1, labels.shape[1]):
-            y = int(labels[b, t])
-            if y == -100:
-                continue
-            row = [float(v) for v in logits[b, t - 1]]
-            total -= row[y] - math.log(sum(math.exp(v) for v in row))
-            count += 1
-    return total / count
+    """Mean -log p(y_t | y_<t) over answer tokens, in plain floats."""
+    return -weighted_ascent_hand_loss(logits, labels, lambda p: 1.0)
 
 
 def test_loss_is_the_substitute_nll_and_the_probe_the_forget_nll():

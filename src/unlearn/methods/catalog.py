@@ -10,11 +10,10 @@ from __future__ import annotations
 import re
 import sys
 
-from unlearn.errors import UnlearnError
+from unlearn import generated
 from unlearn.methods import METHODS
 
-BEGIN = "<!-- BEGIN GENERATED: python -m unlearn.methods.catalog README.md -->"
-END = "<!-- END GENERATED -->"
+BEGIN = generated.begin_marker("unlearn.methods.catalog", "README.md")
 
 # The authors and title end where the citation goes on to an identifier or the origin of defaults.
 _SOURCE_END = re.compile(r":|;|,? \(?arXiv")
@@ -46,24 +45,8 @@ def markdown() -> str:
 
 def update_readme(text: str) -> str:
     """`text` (README.md) with the part between the markers regenerated."""
-    if BEGIN not in text or END not in text:
-        raise UnlearnError(f"README.md lacks the markers {BEGIN!r} and {END!r}")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{markdown()}{END}{tail}"
-
-
-def main(argv: list[str]) -> int:
-    """`python -m unlearn.methods.catalog README.md` rewrites the generated table."""
-    from pathlib import Path
-
-    if len(argv) != 1:
-        print(markdown(), end="")
-        return 0
-    path = Path(argv[0])
-    path.write_text(update_readme(path.read_text(encoding="utf-8")), encoding="utf-8")
-    return 0
+    return generated.replace_section(text, BEGIN, markdown(), "README.md")
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(generated.main(sys.argv[1:], markdown, update_readme))

@@ -56,6 +56,16 @@ def check_weights(**weights: float) -> None:
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
 
+def declared_value(term: RetainTerm, inputs: LossInputs) -> torch.Tensor:
+    """The unweighted value of a method's declared retain term on `inputs`' retain fields."""
+    return term.loss(inputs) if term.loss is not None else retain_term(term.kind, inputs)  # type: ignore[arg-type]
+
+
+def declared_weight(term: RetainTerm, state: dict[str, float]) -> float:
+    """The term's weight, times the state entry it names (a dual variable) if any."""
+    return term.weight * (state[term.state_weight] if term.state_weight else 1.0)
+
+
 def objective(method, inputs: LossInputs, params) -> tuple[torch.Tensor, dict[str, float]]:
     """The method's forget term plus its declared retain term, both on `inputs`: the objective one
     loop step minimises (the loop computes the two on their own batches, in separate passes).
@@ -64,8 +74,9 @@ def objective(method, inputs: LossInputs, params) -> tuple[torch.Tensor, dict[st
     term = method.needs(params).retain
     if term is None or term.weight == 0:
         return loss, logs
-    value = term.loss(inputs) if term.loss is not None else retain_term(term.kind, inputs)  # type: ignore[arg-type]
-    logs = {**logs, "retain_loss": float(value.detach())}
+    value = declared_value(term, inputs)
     state = inputs.state or (dict(method.init_state(params)) if method.init_state else {})
-    weight = term.weight * (state[term.state_weight] if term.state_weight else 1.0)
-    return loss + weight * value, logs
+    return loss + declared_weight(term, state) * value, {
+        **logs,
+        "retain_loss": float(value.detach()),
+    }

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from unlearn import generated
 from unlearn.errors import UnlearnError
 from unlearn.metrics.forget_quality import forget_quality
 from unlearn.metrics.keywords import keyword_accuracy, keyword_token_mask
@@ -501,30 +502,13 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-BEGIN = "<!-- BEGIN GENERATED: python -m unlearn.metrics.registry docs/metrics.md -->"
-END = "<!-- END GENERATED -->"
+BEGIN = generated.begin_marker("unlearn.metrics.registry", "docs/metrics.md")
 
 
 def update_docs(text: str) -> str:
     """`text` (docs/metrics.md) with the part between the markers regenerated."""
-    if BEGIN not in text or END not in text:
-        raise UnlearnError(f"docs/metrics.md lacks the markers {BEGIN!r} and {END!r}")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{markdown()}{END}{tail}"
-
-
-def main(argv: list[str]) -> int:
-    """`python -m unlearn.metrics.registry docs/metrics.md` rewrites the generated section."""
-    from pathlib import Path
-
-    if len(argv) != 1:
-        print(markdown(), end="")
-        return 0
-    path = Path(argv[0])
-    path.write_text(update_docs(path.read_text(encoding="utf-8")), encoding="utf-8")
-    return 0
+    return generated.replace_section(text, BEGIN, markdown(), "docs/metrics.md")
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(generated.main(sys.argv[1:], markdown, update_docs))

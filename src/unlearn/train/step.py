@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from unlearn.methods.base import LossInputs, StepInfo
-from unlearn.methods.retain import retain_term
+from unlearn.methods.retain import declared_value, declared_weight
 from unlearn.train import gradients, optim
 from unlearn.train.batches import forward, start_hidden, start_logits
 from unlearn.train.reference import batch_values
@@ -120,10 +120,9 @@ def retain_loss(run: RunState, mine: list[int], logs: dict) -> torch.Tensor:
     )
     if term.kind == "kl":
         inputs.ref_retain_logits = start_logits(run, p)
-    value = term.loss(inputs) if term.loss is not None else retain_term(term.kind, inputs)  # type: ignore[arg-type]
+    value = declared_value(term, inputs)
     logs["retain_loss"] = float(value.detach())
-    weight = term.weight * (run.state[term.state_weight] if term.state_weight else 1.0)
-    return weight * value
+    return declared_weight(term, run.state) * value
 
 
 def forget_pass(run: RunState, idx, n_micro: int, bad: list[str], sync: bool) -> dict[str, float]:
