@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearn import metrics as M
-from unlearn.config import ModelConfig, PromptConfig
+from unlearn.config import EvalConfig, ModelConfig, PromptConfig
 from unlearn.eval import records as records_module
 from unlearn.eval.records import PassStats
 from unlearn.eval.records.batching import left_pad
@@ -274,7 +274,9 @@ def main() -> None:
 
     from unlearn.models import load_model_and_tokenizer
 
-    suite = build_suite("tofu", "forget01", data_dir=args.data_dir, limit=args.limit)
+    suite = build_suite(
+        EvalConfig(benchmark="tofu", split="forget01", data_dir=args.data_dir, limit=args.limit)
+    )
     model, tok, _ = load_model_and_tokenizer(ModelConfig(name=args.model))
     model.eval()
     formatter = PromptFormatter(

@@ -180,24 +180,6 @@ def localize(
 
 
 # ---------------------------------------------------------------------------- evaluate, report
-#: `evaluate` arguments that are top-level keys of the eval config (the rest go in sections).
-_EVAL_FIELDS = (
-    "output",
-    "benchmark",
-    "split",
-    "data_dir",
-    "forget",
-    "retain",
-    "holdout",
-    "reference",
-    "name",
-    "limit",
-    "mia_gradnorm",
-    "examples",
-    "overwrite",
-)
-
-
 def resolve_eval_config(
     config: str | Path | dict[str, Any] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -211,7 +193,7 @@ def resolve_eval_config(
             continue
         if key == "model":
             tree["model"] = {**(tree.get("model") or {}), "name": str(value)}
-        elif key in _EVAL_FIELDS:
+        elif key in EVAL_SCALARS:
             tree[key] = value
         else:
             flat.append(f"{key}={value}")  # rejected below with the list of valid keys
@@ -234,7 +216,8 @@ def evaluate(
     """Evaluate `model` on a benchmark; write results.json and records to `output`; return results.
 
     `fields` are the eval config's top-level keys (benchmark, split, data_dir, forget, retain,
-    holdout, reference, name, limit, mia_gradnorm, examples, overwrite); `overrides` the dotted
+    holdout, reference, compare, retrain_auc, rouge_stem, shots, name, limit, mia_gradnorm,
+    examples, overwrite; see `EvalConfig`); `overrides` the dotted
     settings (`generation.max_new_tokens=200`, `prompt.system_prompt=...`, `score.end_of_turn=false`).
     Defaults follow TOFU / OpenUnlearning (docs/metrics.md). `suite` replaces the benchmark by a
     prebuilt suite. Refuses a non-empty `output` unless `overwrite=True`.

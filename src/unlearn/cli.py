@@ -159,34 +159,21 @@ def localize(
     typer.echo(f"saved: {folder}/mask.safetensors, localization.json, summary.md, heatmap.png")
 
 
-#: The rows `unlearn eval` prints (every other metric is in results.json).
-KEY_METRICS = (
-    "forget_quality",
-    "model_utility",
-    "forget_probability",
-    "forget_truth_ratio",
-    "forget_rouge_l_recall",
-    "forget_extraction_strength",
-    "privleak",
-    "mia_min_k_auc",
-    "mia_loss_auc",
-    "mia_zlib_auc",
-    "mia_min_k_plus_plus_auc",
-    "mia_reference_auc",
-    "mia_gradnorm_auc",
-    "retain_rouge_l_recall",
-)
+def print_eval_summary(res: dict, output: str | None = None) -> None:
+    """The suite's headline metrics as a table, then what was skipped and why, then the
+    truncation count."""
+    from unlearn.eval.suites.builders import TOFU_HEADLINE
 
-
-def print_eval_summary(res: dict, output: str) -> None:
-    """Key metrics as a table, then what was skipped and why, then the truncation count."""
-    rows = [(k, res["metrics"][k]) for k in KEY_METRICS if k in res["metrics"]]
+    headline = res.get("headline") or TOFU_HEADLINE
+    rows = [(k, res["metrics"][k]) for k in headline if k in res["metrics"]]
     if rows:
         width = max(len(k) for k, _ in rows)
         typer.echo(f"{'metric':<{width}}  value")
         for key, value in rows:
             shown = f"{value:.2e}" if key == "forget_quality" else f"{value:.4f}"
             typer.echo(f"{key:<{width}}  {shown}")
+    for key, note in res.get("notes", {}).items():
+        typer.echo(f"{key}: {note}")
     for key, why in res["skipped"].items():
         typer.echo(f"skipped {key}: {why}")
     cut = res.get("pass", {}).get("truncated", 0)
@@ -196,7 +183,7 @@ def print_eval_summary(res: dict, output: str) -> None:
             f"warning: {cut} sequences were cut to prompt.max_length={max_length}; their scores "
             "miss the cut tokens (raise prompt.max_length)"
         )
-    typer.echo(f"saved: {output}")
+    typer.echo(f"saved: {output or res.get('output', '')}")
 
 
 @app.command("eval")
@@ -215,17 +202,36 @@ def eval_(
     ] = None,
     output: OutputOpt = None,
     benchmark: Annotated[
-        str | None, typer.Option(help="tofu | people | custom (default tofu).")
+        str | None,
+        typer.Option(help="tofu | people | custom | muse | wmdp | mmlu | mcq (default tofu)."),
     ] = None,
-    split: Annotated[str | None, typer.Option(help="Benchmark split, e.g. forget01.")] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="Benchmark split: TOFU forget01; MUSE news|books; WMDP bio,chem,cyber; MMLU "
+            "subjects (comma-separated)."
+        ),
+    ] = None,
     data_dir: Annotated[
-        str | None, typer.Option(help="Local folder in the hub's layout (TOFU); else the hub.")
+        str | None,
+        typer.Option(
+            help="Local folder in the hub's layout (mcq: a file or folder); else the hub."
+        ),
     ] = None,
     forget: Annotated[str | None, typer.Option(help="Custom forget file.")] = None,
     retain: Annotated[str | None, typer.Option(help="Custom retain file.")] = None,
     holdout: Annotated[str | None, typer.Option(help="Custom holdout file (for MIA).")] = None,
     reference: Annotated[
         str | None, typer.Option(help="Eval folder of the retain (reference) model.")
+    ] = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A named comparison NAME=EVAL_DIR (repeatable), e.g. before=evals/target."
+        ),
+    ] = None,
+    shots: Annotated[
+        int | None, typer.Option(help="Multiple-choice few-shot examples (MMLU dev rows).")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Display name in reports.")] = None,
     limit: Annotated[
@@ -254,13 +260,12 @@ def eval_(
     TOFU / OpenUnlearning (200 new tokens, max length 512, end-of-turn tokens scored).
     """
     from unlearn import api
-    from unlearn.eval.run import run_evaluation
 
-    cfg = api.resolve_eval_config(
-        config,
-        overrides or [],
-        model=model,
-        output=output,
+    res = api.evaluate(
+        model,
+        output,
+        config=config,
+        overrides=overrides or [],
         benchmark=benchmark,
         split=split,
         data_dir=data_dir,
@@ -268,13 +273,15 @@ def eval_(
         retain=retain,
         holdout=holdout,
         reference=reference,
+        compare=compare or None,
+        shots=shots,
         name=name,
         limit=limit,
         mia_gradnorm=mia_gradnorm,
         examples=examples,
         overwrite=overwrite or None,
     )
-    print_eval_summary(run_evaluation(cfg), cfg.output)
+    print_eval_summary(res)
 
 
 @app.command()

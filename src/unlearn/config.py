@@ -471,6 +471,12 @@ class EvalConfig:
     examples: save the first N rows of each question/answer set (question, reference answer,
         generation) in results.json for `unlearn report --show-examples`; 0 (default) keeps the
         data's text out of results.json.
+    reference: the retain model's evaluation folder (the comparison named "retain");
+        compare: other named comparisons, NAME=EVAL_DIR (e.g. corrupted=..., before=...).
+    retrain_auc: privleak's retrained-model Min-K AUC in MUSE's orientation, when no retain
+        evaluation is given (MUSE's published value is used on its whole data otherwise).
+    rouge_stem: stem words before ROUGE (None: the benchmark's own choice: TOFU yes, MUSE no).
+    shots: few-shot examples of multiple-choice questions (MMLU's dev rows; 0 = zero-shot).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -484,6 +490,10 @@ class EvalConfig:
     retain: str | None = None
     holdout: str | None = None
     reference: str | None = None
+    compare: list[str] | None = None
+    retrain_auc: float | None = None
+    rouge_stem: bool | None = None
+    shots: int = 0
     name: str | None = None
     limit: int | None = None
     mia_gradnorm: bool = False
@@ -526,6 +536,11 @@ def _validate_eval(cfg: EvalConfig) -> None:
         (cfg.prompt.max_length >= 16, "prompt.max_length must be at least 16 (default 512)"),
         (cfg.limit is None or cfg.limit >= 1, "limit must be at least 1 (or unset for all rows)"),
         (cfg.examples >= 0, "examples must be >= 0 (0 saves no data text)"),
+        (0 <= cfg.shots <= 5, "shots must be between 0 and 5 (MMLU's dev rows per subject)"),
+        (
+            cfg.retrain_auc is None or 0.0 < cfg.retrain_auc < 1.0,
+            "retrain_auc must be strictly between 0 and 1 (MUSE's orientation, e.g. 0.4772)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

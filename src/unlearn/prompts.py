@@ -32,20 +32,67 @@ class Tokenized:
     source: int
 
 
-class PromptFormatter:
-    """Renders prompts for one tokenizer and one PromptConfig, consistently in training and eval."""
+#: How an evaluation set is put to the model (`EvalSet.prompt`): "model" follows the PromptConfig
+#: (chat template or plain, as the model was trained); "plain" forces PLAIN_QUESTION; "raw" uses
+#: the question text verbatim (a prefix to continue, or a prompt the data already renders);
+#: "few_shot" puts the set's rendered examples before a plain question.
+PROMPT_STYLES = ("model", "plain", "raw", "few_shot")
 
-    def __init__(self, tokenizer, cfg: PromptConfig) -> None:
+
+class PromptFormatter:
+    """Renders prompts for one tokenizer and one PromptConfig, consistently in training and eval.
+
+    `style`, `shots` and `stop` are an evaluation set's declaration (see PROMPT_STYLES): a set
+    that is not asked the model's way gets its own formatter, not a subclass. `stop` strings end a
+    generation (the text is cut before the first one); a stop string that is one token also stops
+    decoding there, so nothing is spent past it.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        cfg: PromptConfig,
+        style: str = "model",
+        shots: str = "",
+        stop: tuple[str, ...] = (),
+        template: str | None = None,
+    ) -> None:
+        if style not in PROMPT_STYLES:
+            raise UnlearnError(
+                f"unknown prompt style '{style}'; choose one of {', '.join(PROMPT_STYLES)}"
+            )
         self.tokenizer = tokenizer
         self.cfg = cfg
+        self.style = style
+        self.shots = shots
+        self.stop = tuple(stop)
+        self.template = template or PLAIN_QUESTION
         has_template = bool(getattr(tokenizer, "chat_template", None))
-        if cfg.template == "chat" and not has_template:
+        if cfg.template == "chat" and not has_template and style == "model":
             raise UnlearnError(
                 "prompt.template=chat, but this tokenizer has no chat template; "
                 "use prompt.template=plain"
             )
-        self.use_chat = cfg.template == "chat" or (cfg.template == "auto" and has_template)
+        self.use_chat = style == "model" and (
+            cfg.template == "chat" or (cfg.template == "auto" and has_template)
+        )
         self._end_ids = self._answer_end_ids()
+
+    @cached_property
+    def stop_token_ids(self) -> list[int]:
+        """Stop strings that are a single token: decoding can stop at them."""
+        out = []
+        for s in self.stop:
+            ids = self.tokenizer(s, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:
+                out.append(ids[0])
+        return out
+
+    def cut(self, text: str) -> str:
+        """A generation up to its first stop string (the whole text when none occurs)."""
+        for s in self.stop:
+            text = text.split(s, 1)[0]
+        return text.strip()
 
     @property
     def end_ids(self) -> list[int]:
@@ -65,8 +112,12 @@ class PromptFormatter:
 
     def prompt_text(self, question: str) -> str:
         """The text a model sees before it answers (used for generation too)."""
+        if self.style == "raw":
+            return question
+        if self.style == "few_shot":
+            return self.shots + self.template.format(question=question)
         if not self.use_chat:
-            return PLAIN_QUESTION.format(question=question)
+            return self.template.format(question=question)
         try:
             return self.tokenizer.apply_chat_template(
                 self._messages(question), tokenize=False, add_generation_prompt=True
@@ -115,10 +166,12 @@ class PromptFormatter:
     def encode_qa(self, question: str, answer: str) -> tuple[list[int], list[int]]:
         """(prompt ids, answer ids including the end marker)."""
         tok = self.tokenizer
-        prompt_ids = tok(self.prompt_text(question), add_special_tokens=False)["input_ids"]
+        text = self.prompt_text(question)
+        prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
         if not self.use_chat and _adds_bos(tok):
             prompt_ids = [tok.bos_token_id, *prompt_ids]
-        lead = "" if self.use_chat else " "
+        # a plain prompt's answer follows a space, unless the prompt already ends with one
+        lead = "" if self.use_chat or text[-1:].isspace() else " "
         answer_ids = tok(lead + answer.strip(), add_special_tokens=False)["input_ids"]
         return list(prompt_ids), [*answer_ids, *self._end_ids]
 

@@ -25,7 +25,13 @@ from unlearn.config import PromptConfig
 from unlearn.data import content_hash
 from unlearn.errors import UnlearnError
 from unlearn.eval.run import score_suite
-from unlearn.eval.suites.builders import EvalSet, Suite, custom_suite, people_suite
+from unlearn.eval.suites.builders import (
+    TOFU_UTILITY,
+    Suite,
+    custom_suite,
+    people_suite,
+    tofu_set,
+)
 from unlearn.report.build import build_report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -118,7 +124,10 @@ FORGET_PERT = [[-2.0, -3.0], [-1.0, -1.5], [-0.5, -0.5]]
 def _suite_and_records(holdout: bool = True, utility: bool = True):
     forget, retain = _rows("forget", 3), _rows("retain", 2)
     real, world = _rows("real", 2), _rows("world", 3)
-    sets = [EvalSet("forget", "forget", forget, "mem"), EvalSet("retain", "retain", retain, "mem")]
+    sets = [
+        tofu_set("forget", "forget", forget, "mem"),
+        tofu_set("retain", "retain", retain, "mem"),
+    ]
     recs = {
         "forget": _recs(forget, [-1.5, -1.0, -2.5], FORGET_PARA, FORGET_PERT),
         "retain": _recs(
@@ -131,8 +140,8 @@ def _suite_and_records(holdout: bool = True, utility: bool = True):
     }
     if utility:
         sets += [
-            EvalSet("real_authors", "utility", real, "mem"),
-            EvalSet("world_facts", "utility", world, "mem"),
+            tofu_set("real_authors", "utility", real, "mem"),
+            tofu_set("world_facts", "utility", world, "mem"),
         ]
         recs["real_authors"] = _recs(
             real,
@@ -150,9 +159,9 @@ def _suite_and_records(holdout: bool = True, utility: bool = True):
         )
     if holdout:
         hold = _rows("holdout", 3, perturbed=False, paraphrase=False)
-        sets.append(EvalSet("holdout", "holdout", hold, "mem"))
+        sets.append(tofu_set("holdout", "holdout", hold, "mem"))
         recs["holdout"] = _recs(hold, [-1.2, -2.0, -1.8])
-    return Suite("synthetic", None, sets), recs
+    return Suite("synthetic", None, sets, utility=TOFU_UTILITY if utility else ()), recs
 
 
 def _assert_no_none(metrics: dict) -> None:
@@ -212,7 +221,7 @@ def test_score_suite_with_reference_records():
         rec["paraphrased"]["logprob_sum"] -= shift * rec["paraphrased"]["n_tokens"]
     for rec in ref["holdout"]:
         rec["answer"]["token_logprobs"] = [x - 0.05 for x in rec["answer"]["token_logprobs"]]
-    metrics, skipped, per = score_suite(suite, recs, reference=ref)
+    metrics, skipped, per = score_suite(suite, recs, {"retain": ref})
     _assert_no_none(metrics)
     ref_metrics, _, ref_per = score_suite(suite, ref)
     expected = ks_2samp(per["forget"]["truth_ratio"], ref_per["forget"]["truth_ratio"]).pvalue
@@ -225,7 +234,7 @@ def test_score_suite_with_reference_records():
     for key in ("forget_quality", "privleak", "mia_reference_auc"):
         assert key not in skipped
     # the model as its own reference: indistinguishable, no leak
-    same, _, _ = score_suite(suite, recs, reference=recs)
+    same, _, _ = score_suite(suite, recs, {"retain": recs})
     assert same["forget_quality"] == pytest.approx(1.0)
     assert same["mia_reference_auc"] == pytest.approx(0.5)
     assert same["privleak"] == pytest.approx(0.0)
@@ -236,7 +245,7 @@ def test_score_suite_reference_with_perfect_auc_skips_privleak():
     ref = json.loads(json.dumps(recs))
     for rec in ref["forget"]:  # the reference separates forget from holdout perfectly
         rec["answer"]["token_logprobs"] = [-0.1] * rec["answer"]["n_tokens"]
-    metrics, skipped, _ = score_suite(suite, recs, reference=ref)
+    metrics, skipped, _ = score_suite(suite, recs, {"retain": ref})
     assert "privleak" in skipped and "privleak" not in metrics
     assert "forget_quality" in metrics
 
@@ -246,13 +255,13 @@ def test_score_suite_skips_what_the_sets_cannot_support():
     metrics, skipped, _ = score_suite(suite, recs)
     _assert_no_none(metrics)
     assert "model_utility" not in metrics
-    assert "real_authors_probability" in skipped["model_utility"]
+    assert "real_authors" in skipped["model_utility"]
     assert "holdout" in skipped["mia"]
     assert not any(k.startswith("mia_") for k in metrics)
     assert NO_REF in skipped["forget_quality"]
     # forget data without perturbed answers: no truth ratio, so no forget quality either
     bare = _rows("forget", 2, perturbed=False)
-    bare_suite = Suite("custom", None, [EvalSet("forget", "forget", bare, "mem")])
+    bare_suite = Suite("custom", None, [tofu_set("forget", "forget", bare, "mem")])
     metrics, skipped, _ = score_suite(bare_suite, {"forget": _recs(bare, [-1.0, -2.0])})
     _assert_no_none(metrics)
     assert "perturbed_answer" in skipped["forget_truth_ratio"]

@@ -335,6 +335,7 @@ def test_nan_records_are_a_user_error():
 import itertools  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from unlearn.eval.suites.builders import TOFU_UTILITY  # noqa: E402
 from unlearn.metrics import registry as R  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
@@ -400,23 +401,47 @@ def _record(i: int) -> dict:
         "perturbed": [_score(2 + i + k, 20 + i + k) for k in range(3)],
         "generation": "Paris is cold.",
         "grad_norm": 1.0 + i,
+        "choice_logprobs": [-1.0 - i, -0.5, -2.0, -1.5],
+        "target": i % 4,
     }
 
 
-def _set(name: str, role: str, seen: set[str], kind: str = "qa", para: bool = True) -> R.SetData:
+#: TOFU's sets as TOFU's suite declares them (name, role, truth side, membership side), and a
+#: multiple-choice set.
+SETS = (
+    ("forget", "forget", "paraphrased", "member", "qa"),
+    ("retain", "retain", "paraphrased", None, "qa"),
+    ("real_authors", "utility", "answer", None, "qa"),
+    ("world_facts", "utility", "answer", None, "qa"),
+    ("holdout", "holdout", "answer", "nonmember", "qa"),
+    ("wmdp_bio", "forget", "answer", None, "choice"),
+)
+
+
+def _set(
+    name: str,
+    role: str,
+    seen: set[str],
+    kind: str = "qa",
+    para: bool = True,
+    truth: str = "answer",
+    mia: str | None = None,
+) -> R.SetData:
     recs = [_Tracked(_record(i), "", seen) for i in range(4)]
     texts = _TrackedTexts([f"Paris is cold {i}." for i in range(4)], seen)
-    return R.SetData(name, role, kind, recs, texts, has_paraphrase=para, has_perturbed=True)
+    return R.SetData(
+        name, role, kind, recs, texts, has_paraphrase=para, has_perturbed=True, truth=truth, mia=mia
+    )
 
 
 @pytest.mark.parametrize("metric", R.SET_METRICS, ids=lambda m: m.name)
 def test_every_set_metric_reads_exactly_its_declared_inputs(metric):
     union: set[str] = set()
-    for name, role in R.SET_ROLES.items():
+    for name, role, truth, mia, _kind in SETS:
         for kind, para in itertools.product(metric.kinds, (True, False)):
             seen: set[str] = set()
-            out = metric.compute(_set(name, role, seen, kind, para))
-            assert set(out) == set(metric.emits)
+            out = metric.compute(_set(name, role, seen, kind, para, truth, mia))
+            assert set(out) == set(metric.computes)
             assert seen <= metric.reads, (name, seen - metric.reads)
             union |= seen
     assert union == metric.reads
@@ -427,10 +452,14 @@ def test_every_suite_metric_reads_exactly_its_declared_inputs(metric):
     union: set[str] = set()
     for para in (True, False):
         seen: set[str] = set()
-        sets = {name: _set(name, role, seen, para=para) for name, role in R.SET_ROLES.items()}
+        sets = {
+            name: _set(name, role, seen, kind, para, truth, mia)
+            for name, role, truth, mia, kind in SETS
+        }
         reference = {n: [_Tracked(_record(i + 1), "", seen) for i in range(4)] for n in sets}
         metrics = {key: 0.5 for key in metric.needs_metrics}
-        values, skipped = metric.compute(R.SuiteData(sets, reference, metrics))
+        data = R.SuiteData(sets, {R.RETAIN: reference}, metrics, utility=TOFU_UTILITY)
+        values, skipped = metric.compute(data)
         assert set(values) | set(skipped) == set(metric.keys)
         assert seen <= metric.reads, seen - metric.reads
         union |= seen
@@ -438,7 +467,7 @@ def test_every_suite_metric_reads_exactly_its_declared_inputs(metric):
 
 
 def test_registry_keys_are_unique_and_mapped_keys_exist():
-    keys = [f"{s}_{k}" for s in R.SET_ROLES for m in R.SET_METRICS for k in m.emits]
+    keys = [f"{s[0]}_{k}" for s in SETS for m in R.SET_METRICS for k in m.emits]
     keys += [k for m in R.SUITE_METRICS for k in m.keys]
     assert len(keys) == len(set(keys))
     assert set(R.OPENUNLEARNING_KEYS) <= set(keys)

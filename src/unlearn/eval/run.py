@@ -12,22 +12,19 @@ reference model reads the reference's saved records and never runs that model ag
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from unlearn.config import EvalConfig, PromptConfig, to_dict
+from unlearn.data import content_hash
 from unlearn.errors import UnlearnError
 from unlearn.eval.scoring import score_suite
-from unlearn.eval.suites.builders import (
-    BENCHMARKS,
-    EvalSet,
-    Suite,
-    custom_suite,
-    people_suite,
-    tofu_suite,
-)
+from unlearn.eval.suites.builders import EvalSet, Suite
+from unlearn.eval.suites.catalog import build_suite
+from unlearn.metrics.registry import RETAIN
 from unlearn.outputs import atomic_write_json, atomic_write_text
 
 __all__ = ["build_suite", "check_reference", "load_records", "run_evaluation", "run_records"]
@@ -38,6 +35,33 @@ RECORDS = "records"
 
 
 # ---------------------------------------------------------------------------- running the model
+def set_formatter(base, s: EvalSet):
+    """The formatter a set is asked with: `base` (the model's prompt) unless the set declares
+    another prompt style, few-shot examples or stop strings."""
+    from unlearn.prompts import PromptFormatter
+
+    plain = s.prompt == "model" and not s.stop and s.template is None
+    if plain and (s.max_length is None or s.max_length == base.cfg.max_length):
+        return base
+    cfg = (
+        base.cfg if s.max_length is None else dataclasses.replace(base.cfg, max_length=s.max_length)
+    )
+    return PromptFormatter(base.tokenizer, cfg, s.prompt, s.shots, s.stop, s.template)
+
+
+def truth_chars(tokenizer, answer: str, n_tokens: int) -> int:
+    """How many characters of `answer` its first `n_tokens` tokens cover, counted as MUSE does
+    (tokenized with special tokens, cut, decoded without them)."""
+    ids = tokenizer(answer, add_special_tokens=True)["input_ids"][:n_tokens]
+    kept = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    n = 0
+    for a, b in zip(answer, kept, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def run_records(
     model,
     formatter,
@@ -51,8 +75,9 @@ def run_records(
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
     """Per dataset, one pass over its prompts serves teacher forcing and generation -> records.
 
-    `score_end`: score the end-of-turn marker after each answer (the TOFU protocol), or the
-    answer text only. `mia_gradnorm` adds each forget/holdout example's gradient norm (one
+    Each set is asked as it declares (prompt style, generation length, stop strings, whether
+    end-of-turn tokens are scored); `max_new_tokens` and `score_end` are the defaults of sets that
+    declare none. `mia_gradnorm` adds each membership-inference example's gradient norm (one
     backward pass each).
     """
     from tqdm.auto import tqdm
@@ -66,16 +91,22 @@ def run_records(
     bar = tqdm(suite.sets, desc="eval", unit="set", disable=not progress)
     for s in bar:
         bar.set_postfix_str(s.name)
+        fmt = set_formatter(formatter, s)
+        end = score_end if s.score_end is None else s.score_end
+        new_tokens = max_new_tokens if s.max_new_tokens is None else s.max_new_tokens
         if s.kind == "text":
             docs = [ScoreItem(None, r["text"], detail=True) for r in s.rows]
-            scores = score(model, formatter, docs, batch_size=batch_size, stats=stats)
+            scores = score(model, fmt, docs, batch_size=batch_size, stats=stats)
             out[s.name] = [
                 {"id": r["id"], "sha256": r["sha256"], "answer": sc.to_dict()}
                 for r, sc in zip(s.rows, scores, strict=True)
             ]
-            if mia_gradnorm and s.name in ("forget", "holdout"):
-                for rec, g in zip(out[s.name], grad_norms(model, formatter, docs), strict=True):
+            if mia_gradnorm and s.mia:
+                for rec, g in zip(out[s.name], grad_norms(model, fmt, docs), strict=True):
                     rec["grad_norm"] = g
+            continue
+        if s.kind == "choice":
+            out[s.name] = _choice_records(model, fmt, s, batch_size, stats)
             continue
         items: list[ScoreItem] = []
         layout: list[tuple[int, str, int]] = []  # (row, variant, index within variant)
@@ -88,19 +119,11 @@ def run_records(
             for k, p in enumerate(r.get("perturbed_answer") or []):
                 items.append(ScoreItem(r["question"], p))
                 layout.append((i, "perturbed", k))
-        # holdout sets only feed membership inference: no generation
-        questions = [r["question"] for r in s.rows] if s.role != "holdout" else []
+        questions = [r["question"] for r in s.rows] if s.generates and new_tokens > 0 else []
         scores, gens = score_and_generate(
-            model,
-            formatter,
-            items,
-            questions,
-            max_new_tokens,
-            batch_size,
-            stats=stats,
-            score_end=score_end,
+            model, fmt, items, questions, new_tokens, batch_size, stats=stats, score_end=end,
             **gen_batch,
-        )
+        )  # fmt: skip
         recs: list[dict[str, Any]] = [{"id": r["id"], "sha256": r["sha256"]} for r in s.rows]
         for (i, variant, _k), sc in zip(layout, scores, strict=True):
             d = sc.to_dict()
@@ -110,9 +133,12 @@ def run_records(
                 recs[i][variant] = d
         for rec, g in zip(recs if questions else [], gens, strict=True):
             rec["generation"] = g
-        if mia_gradnorm and s.name in ("forget", "holdout"):
+        if s.truth_tokens is not None:
+            for rec, r in zip(recs, s.rows, strict=True):
+                rec["truth_chars"] = truth_chars(fmt.tokenizer, r["answer"], s.truth_tokens)
+        if mia_gradnorm and s.mia:
             answers = [ScoreItem(r["question"], r["answer"]) for r in s.rows]
-            norms = grad_norms(model, formatter, answers, score_end=score_end)
+            norms = grad_norms(model, fmt, answers, score_end=end)
             for rec, g in zip(recs, norms, strict=True):
                 rec["grad_norm"] = g
         out[s.name] = recs
@@ -125,6 +151,31 @@ def run_records(
         "truncated": stats.truncated,
     }
     return out, info
+
+
+def _choice_records(model, fmt, s: EvalSet, batch_size: int, stats) -> list[dict[str, Any]]:
+    """Each option's summed log-likelihood as a continuation of the question's prompt (the
+    lm-evaluation-harness protocol): the options share the prompt, so it runs once per question
+    and the options are scored off its KV cache."""
+    from unlearn.eval.records import ScoreItem, score
+
+    items = [ScoreItem(r["question"], label) for r in s.rows for label in r["labels"]]
+    scores = score(model, fmt, items, batch_size=batch_size, stats=stats, score_end=False)
+    recs, k = [], 0
+    for r in s.rows:
+        n = len(r["labels"])
+        mine = scores[k : k + n]
+        k += n
+        recs.append(
+            {
+                "id": r["id"],
+                "sha256": r["sha256"],
+                "choice_logprobs": [sc.logprob_sum for sc in mine],
+                "choice_tokens": [sc.n_tokens for sc in mine],
+                "target": r["target"],
+            }
+        )
+    return recs
 
 
 # ---------------------------------------------------------------------------- files
@@ -141,24 +192,44 @@ def load_records(eval_dir: str | Path) -> tuple[dict[str, Any], dict[str, list[d
     return results, records
 
 
-def check_reference(suite: Suite, ref_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """Load a reference evaluation and make sure it scored exactly the same examples."""
+def check_reference(
+    suite: Suite, ref_dir: str | Path, name: str = "reference"
+) -> dict[str, list[dict[str, Any]]]:
+    """Load a comparison model's evaluation and make sure it scored exactly the same examples of
+    every set a comparison is read on (forget sets and membership-inference sides)."""
     results, records = load_records(ref_dir)
     for s in suite.sets:
-        if s.name not in ("forget", "holdout"):
+        if s.role != "forget" and s.mia is None:
             continue
         theirs = records.get(s.name)
         if theirs is None:
             raise UnlearnError(
-                f"reference {ref_dir} has no '{s.name}' records; evaluate it on the same benchmark"
+                f"{name} {ref_dir} has no '{s.name}' records; evaluate it on the same benchmark"
             )
         mine = list(zip(s.ids, s.hashes, strict=True))
         if [(r["id"], r["sha256"]) for r in theirs] != mine:
             raise UnlearnError(
-                f"reference {ref_dir} was evaluated on different '{s.name}' data (ids/hashes differ: "
-                f"{results.get('benchmark')}/{results.get('split')}); evaluate the reference on the same split"
+                f"{name} {ref_dir} was evaluated on different '{s.name}' data (ids/hashes differ: "
+                f"{results.get('benchmark')}/{results.get('split')}); evaluate it on the same split"
             )
     return records
+
+
+def comparisons_of(cfg: EvalConfig) -> dict[str, str]:
+    """The named comparison evaluations: `compare` entries NAME=DIR, and `reference` as "retain"."""
+    out: dict[str, str] = {}
+    for entry in cfg.compare or []:
+        name, sep, folder = str(entry).partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise UnlearnError(
+                f"--compare '{entry}' must be NAME=EVAL_DIR, e.g. --compare retain=evals/retain"
+            )
+        out[name.strip()] = folder.strip()
+    if cfg.reference:
+        if out.get(RETAIN, cfg.reference) != cfg.reference:
+            raise UnlearnError("--reference and --compare retain=... name different folders")
+        out[RETAIN] = str(cfg.reference)
+    return out
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -214,10 +285,10 @@ def run_evaluation(
         raise UnlearnError("no model to evaluate; pass --model (a folder, hub id, .gguf or alias)")
     if not cfg.output:
         raise UnlearnError("no output folder; pass --output FOLDER")
-    suite = suite or build_suite(
-        cfg.benchmark, cfg.split, cfg.data_dir, cfg.forget, cfg.retain, cfg.holdout, cfg.limit
-    )
-    ref_records = check_reference(suite, cfg.reference) if cfg.reference else None
+    suite = suite or build_suite(cfg)
+    compared = comparisons_of(cfg)
+    comparison_records = {n: check_reference(suite, d, n) for n, d in compared.items()}
+    retrain_auc = _retrain_auc(cfg, suite, compared)
     out = Path(cfg.output)
     from unlearn.models import (
         hash_model_files,
@@ -246,7 +317,11 @@ def run_evaluation(
         cfg.score.end_of_turn,
         generation_batch=cfg.generation.batch_size,
     )
-    metrics, skipped, per_example = score_suite(suite, records, ref_records)
+    notes: dict[str, str] = {}
+    metrics, skipped, per_example = score_suite(
+        dataclasses.replace(suite, retrain_auc=retrain_auc), records, comparison_records,
+        notes=notes,
+    )  # fmt: skip
     folder = local_folder(resolved, mcfg)
     model_path = folder if resolved.kind in ("local",) else None
     results: dict[str, Any] = {
@@ -259,11 +334,15 @@ def run_evaluation(
         "model_path": model_path,
         "benchmark": suite.benchmark,
         "split": suite.split,
-        "reference": str(cfg.reference) if cfg.reference else None,
+        "reference": compared.get(RETAIN),
+        "comparisons": compared,
+        "headline": list(suite.headline),
+        "notes": notes,
         "settings": {
             "prompt": to_dict(prompt),
             "generation": to_dict(cfg.generation),
             "score": to_dict(cfg.score),
+            "sets": {s.name: _declaration(s) for s in suite.sets},
             "model": {"dtype": mcfg.dtype, "device": mcfg.device},
         },
         "metrics": metrics,
@@ -280,6 +359,7 @@ def run_evaluation(
         },
         "pass": info,
         "seconds": round(time.time() - t0, 2),
+        "output": str(out),
     }
     if cfg.examples:
         results["examples"] = _examples(suite, records, cfg.examples)
@@ -287,9 +367,37 @@ def run_evaluation(
     return results
 
 
-def _ids_hash(s: EvalSet) -> str:
-    from unlearn.data import content_hash
+def _declaration(s: EvalSet) -> dict[str, Any]:
+    """What a set was declared as (its rows and few-shot text stay out: ids and hashes say which)."""
+    return {
+        "role": s.role, "kind": s.kind, "prompt": s.prompt, "max_new_tokens": s.max_new_tokens,
+        "stop": list(s.stop), "truth": s.truth, "mia": s.mia,
+        "rouge_stem": s.rouge_stem, "shots_sha256": content_hash(s.shots) if s.shots else None,
+    }  # fmt: skip
 
+
+def _retrain_auc(
+    cfg: EvalConfig, suite: Suite, compared: dict[str, str]
+) -> tuple[float, str] | None:
+    """Privleak's reference AUC when no retain comparison is given: the user's `retrain_auc`, else
+    the suite's published one (only on the whole published data). A suite that reports privleak
+    as a headline refuses to run without one, before the model loads."""
+    if RETAIN in compared:
+        return None
+    if cfg.retrain_auc is not None:
+        # the setting is in MUSE's orientation (forget labelled 0); ours is 1 - that
+        return (1.0 - float(cfg.retrain_auc), f"retrain_auc setting ({cfg.retrain_auc})")
+    if suite.retrain_auc is not None and not cfg.limit:
+        return suite.retrain_auc
+    if suite.retrain_auc is not None:  # published for the whole data only
+        raise UnlearnError(
+            "privleak needs the retrained model's Min-K AUC; the published value is for the whole "
+            "data, not --limit: pass --reference RETRAIN_EVAL or retrain_auc=AUC"
+        )
+    return None
+
+
+def _ids_hash(s: EvalSet) -> str:
     return content_hash(*(f"{i}:{h}" for i, h in zip(s.ids, s.hashes, strict=True)))
 
 
@@ -301,26 +409,3 @@ def _prompt_for(resolved) -> PromptConfig | None:
         if cfg:
             return PromptConfig(**cfg)
     return None
-
-
-def build_suite(
-    benchmark: str,
-    split: str | None = None,
-    data_dir: str | None = None,
-    forget: str | None = None,
-    retain: str | None = None,
-    holdout: str | None = None,
-    limit: int | None = None,
-) -> Suite:
-    """The suite for a benchmark name; custom files are used when --forget is given."""
-    if forget is not None:
-        return custom_suite(forget, retain, holdout)
-    if benchmark == "tofu":
-        return tofu_suite(split or "forget01", data_dir, limit)
-    if benchmark == "people":
-        return people_suite()
-    if benchmark == "custom":
-        raise UnlearnError(
-            "benchmark 'custom' needs --forget FILE (and optionally --retain, --holdout)"
-        )
-    raise UnlearnError(f"unknown benchmark '{benchmark}'; choose one of {', '.join(BENCHMARKS)}")

@@ -107,12 +107,16 @@ def keyword_token_mask(token_pieces: Sequence[str], text_length: int | None = No
 
 
 def keyword_confidence(
-    token_pieces: Sequence[Sequence[str]], token_logprobs: Sequence[ArrayLike]
+    token_pieces: Sequence[Sequence[str]],
+    token_logprobs: Sequence[ArrayLike],
+    text_lengths: Sequence[int | None] | None = None,
 ) -> np.ndarray:
     """Mean teacher-forced probability of each reference answer's key-word tokens, [N]; NaN if none.
 
     token_pieces[i]: the reference answer's tokens as strings (see `keyword_token_mask`).
     token_logprobs[i]: log p of each of those tokens given the question and the tokens before it.
+    text_lengths[i]: characters of answer text the pieces start with (tokens after it, e.g. an
+    end-of-turn marker, are not the answer's words); None: all of them.
     """
     _inputs.same_length(token_pieces, token_logprobs, "token_pieces and token_logprobs")
     logprobs = _inputs.ragged(token_logprobs, "token_logprobs")
@@ -122,7 +126,7 @@ def keyword_confidence(
             raise ValueError(
                 f"example {i}: {len(pieces)} token pieces but {logp.size} token log-probs"
             )
-        mask = keyword_token_mask(pieces)
+        mask = keyword_token_mask(pieces, None if text_lengths is None else text_lengths[i])
         if mask.any():
             out[i] = float(np.mean(np.exp(logp[mask])))
     return out

@@ -19,23 +19,28 @@ from scipy.stats import hmean
 
 from unlearn.errors import UnlearnError
 
+#: What each utility set contributes (TOFU: retain, real_authors, world_facts x these three).
+UTILITY_METRICS = ("probability", "rouge_l_recall", "truth_ratio")
 MODEL_UTILITY_KEYS = tuple(
     f"{split}_{metric}"
     for split in ("retain", "real_authors", "world_facts")
-    for metric in ("probability", "rouge_l_recall", "truth_ratio")
+    for metric in UTILITY_METRICS
 )
 
 
-def model_utility(values: Mapping[str, float]) -> float:
-    """Harmonic mean of the 9 `MODEL_UTILITY_KEYS` values in [0, 1]; other keys are ignored."""
-    missing = [key for key in MODEL_UTILITY_KEYS if key not in values]
-    if missing:
+def model_utility(values: Mapping[str, float], keys: tuple[str, ...] | None = None) -> float:
+    """Harmonic mean of `keys` (default TOFU's 9 `MODEL_UTILITY_KEYS`) values in [0, 1]; other
+    keys of `values` are ignored. A suite declares which sets count (`EvalSet.utility`)."""
+    keys = MODEL_UTILITY_KEYS if keys is None else tuple(keys)
+    missing = [key for key in keys if key not in values]
+    if missing or not keys:
         raise UnlearnError(
-            f"model utility needs {', '.join(missing)}; evaluate the retain, real_authors and "
-            "world_facts splits (probability, ROUGE-L recall, truth ratio) before aggregating"
+            f"model utility needs {', '.join(missing) or 'utility sets'}; evaluate the retain, "
+            "real_authors and world_facts splits (probability, ROUGE-L recall, truth ratio) "
+            "before aggregating"
         )
-    chosen = [float(values[key]) for key in MODEL_UTILITY_KEYS]
-    for key, value in zip(MODEL_UTILITY_KEYS, chosen, strict=True):
+    chosen = [float(values[key]) for key in keys]
+    for key, value in zip(keys, chosen, strict=True):
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"model utility input {key} must be in [0, 1], got {value}")
     if min(chosen) == 0.0:

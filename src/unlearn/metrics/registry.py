@@ -18,6 +18,7 @@ document of a text set).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ import numpy as np
 
 from unlearn import generated
 from unlearn.errors import UnlearnError
+from unlearn.metrics.choice import accuracy, choice_stderr, pooled_stderr
 from unlearn.metrics.forget_quality import forget_quality
-from unlearn.metrics.keywords import keyword_accuracy, keyword_token_mask
+from unlearn.metrics.keywords import keyword_accuracy, keyword_confidence
 from unlearn.metrics.memorization import exact_memorization, extraction_strength
 from unlearn.metrics.mia import (
     MIN_K_DEFAULT,
@@ -40,7 +42,7 @@ from unlearn.metrics.mia import (
     reference_score,
     zlib_score,
 )
-from unlearn.metrics.model_utility import MODEL_UTILITY_KEYS, model_utility
+from unlearn.metrics.model_utility import UTILITY_METRICS, model_utility
 from unlearn.metrics.privacy import privleak
 from unlearn.metrics.probability import mean_logprob, normalized_probability, probability
 from unlearn.metrics.rouge import ROUGE_KEYS, rouge
@@ -49,15 +51,18 @@ from unlearn.metrics.truth_ratio import closer_to_1_better, true_better, truth_r
 Record = Mapping[str, Any]
 ALL_ROLES = ("forget", "retain", "utility", "holdout")
 GENERATED_ROLES = ("forget", "retain", "utility")  # holdout sets feed MIA only: no generation
-#: The sets a suite may hold and the role each plays (custom suites use a subset).
-SET_ROLES = {
-    "forget": "forget",
-    "retain": "retain",
-    "real_authors": "utility",
-    "world_facts": "utility",
-    "holdout": "holdout",
-}
-NO_REFERENCE = "needs the reference (retain) model's evaluation; pass --reference EVAL_DIR"
+#: The comparison TOFU's and MUSE's metrics need: a model trained without the forget data.
+RETAIN = "retain"
+
+
+def no_comparison(name: str) -> str:
+    """The skip reason of a metric whose named comparison was not given."""
+    if name == RETAIN:
+        return "needs the reference (retain) model's evaluation; pass --reference EVAL_DIR"
+    return f"needs the '{name}' model's evaluation; pass --compare {name}=EVAL_DIR"
+
+
+NO_REFERENCE = no_comparison(RETAIN)
 
 
 @dataclass(frozen=True)
@@ -66,45 +71,59 @@ class SetData:
 
     name: str
     role: str  # forget | retain | utility | holdout
-    kind: str  # qa | text
+    kind: str  # qa | text | choice
     records: Sequence[Record]
     texts: Sequence[str]  # `data.text`: each example's answer (qa) or document (text)
     has_paraphrase: bool = False
     has_perturbed: bool = False
+    truth: str = "answer"  # the set's declared true side of truth ratio
+    only: tuple[str, ...] | None = None  # the set's declared per-set metrics (None: all)
+    mia: str | None = None  # member | nonmember
+    stem: bool = True  # ROUGE stems words
 
     @property
     def truth_key(self) -> str:
-        """Truth ratio's "true" side: the paraphrase on forget/retain (TOFU), else the answer."""
-        return (
-            "paraphrased" if self.has_paraphrase and self.name in ("forget", "retain") else "answer"
-        )
+        """Truth ratio's "true" side: as declared, if the set has that column, else the answer."""
+        return "paraphrased" if self.truth == "paraphrased" and self.has_paraphrase else "answer"
 
     def with_records(self, records: Sequence[Record]) -> SetData:
-        """The same examples as another model (the reference) scored them."""
-        return SetData(
-            self.name,
-            self.role,
-            self.kind,
-            records,
-            self.texts,
-            self.has_paraphrase,
-            self.has_perturbed,
-        )
+        """The same examples as another model (a comparison) scored them."""
+        return dataclasses.replace(self, records=records)
 
 
 @dataclass(frozen=True)
 class SuiteData:
-    """What a suite metric may read: every set, the reference's records, the metrics so far."""
+    """What a suite metric may read: every set, the named comparisons' records (e.g. "retain"),
+    the metrics so far, and a published retrained-model AUC (value, source) for privleak."""
 
     sets: Mapping[str, SetData]
-    reference: Mapping[str, Sequence[Record]] | None
+    comparisons: Mapping[str, Mapping[str, Sequence[Record]]]
     metrics: Mapping[str, float]
     min_k: float = MIN_K_DEFAULT
+    retrain_auc: tuple[float, str] | None = None
+    utility: tuple[str, ...] = ()  # the sets model utility is over
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def ref(self, name: str) -> SetData:
-        if self.reference is None or name not in self.reference:
-            raise UnlearnError(f"reference records of '{name}' are missing; {NO_REFERENCE}")
-        return self.sets[name].with_records(self.reference[name])
+    def find(self, selector: str) -> SetData | None:
+        """The set a suite metric reads: "member" / "nonmember" (membership inference's sides),
+        else the first set of that role."""
+        if selector in ("member", "nonmember"):
+            return next((d for d in self.sets.values() if d.mia == selector), None)
+        return next((d for d in self.sets.values() if d.role == selector), None)
+
+    def get(self, selector: str) -> SetData:
+        d = self.find(selector)
+        if d is None:
+            raise UnlearnError(f"this suite has no {selector} set")
+        return d
+
+    def ref(self, selector: str, comparison: str = RETAIN) -> SetData:
+        """The set `selector` finds, as the named comparison model scored it."""
+        d = self.get(selector)
+        theirs = self.comparisons.get(comparison, {})
+        if d.name not in theirs:
+            raise UnlearnError(f"'{comparison}' records of '{d.name}' are missing")
+        return d.with_records(theirs[d.name])
 
 
 PerExample = dict[str, np.ndarray]
@@ -120,14 +139,21 @@ class SetMetric:
     aggregation: str  # the aggregation's name, for the docs
     reads: frozenset[str]
     keys: tuple[str, ...] = ()  # emitted key suffixes; default (name,)
-    kinds: tuple[str, ...] = ("qa", "text")
+    kinds: tuple[str, ...] = ("qa", "text")  # the set kinds it applies to
     roles: tuple[str, ...] = ALL_ROLES
     needs_generation: bool = False
     needs_perturbed: bool = False
+    stderr: bool = False  # also report each key's standard error as `{key}_stderr`
+
+    @property
+    def computes(self) -> tuple[str, ...]:
+        """The per-example value names `compute` returns."""
+        return self.keys or (self.name,)
 
     @property
     def emits(self) -> tuple[str, ...]:
-        return self.keys or (self.name,)
+        """The aggregate key suffixes reported."""
+        return self.computes + tuple(f"{k}_stderr" for k in self.computes if self.stderr)
 
 
 @dataclass(frozen=True)
@@ -138,9 +164,9 @@ class SuiteMetric:
     compute: Callable[[SuiteData], tuple[dict[str, float], dict[str, str]]]
     keys: tuple[str, ...]
     reads: frozenset[str]
-    sets: tuple[str, ...] = ()
+    sets: tuple[str, ...] = ()  # selectors (`SuiteData.find`): a role, "member" or "nonmember"
     sets_hint: str = ""
-    needs_reference: bool = False
+    compare: str | None = None  # the named comparison it needs (e.g. "retain")
     needs_perturbed: bool = False  # on every set in `sets`
     needs_metrics: tuple[str, ...] = ()
     metrics_hint: str = ""
@@ -215,7 +241,7 @@ def _truth_ratio(data: SetData) -> PerExample:
 
 
 def _rouge(data: SetData) -> PerExample:
-    return rouge([r["generation"] for r in data.records], list(data.texts))
+    return rouge([r["generation"] for r in data.records], list(data.texts), stem=data.stem)
 
 
 def _keyword_accuracy(data: SetData) -> PerExample:
@@ -224,15 +250,21 @@ def _keyword_accuracy(data: SetData) -> PerExample:
 
 
 def _keyword_confidence(data: SetData) -> PerExample:
-    """Mean probability of the answer tokens that overlap a key word (NaN when none does)."""
-    conf = []
-    for r, text in zip(data.records, data.texts, strict=True):
-        a = r["answer"]
-        # the scored tokens may end with the end-of-turn marker: only the answer's words count
-        mask = np.asarray(keyword_token_mask(a["tokens"], len(text.strip())), dtype=bool)
-        lp = np.asarray(a["token_logprobs"], dtype=np.float64)
-        conf.append(float(np.exp(lp[mask]).mean()) if mask.any() else np.nan)
-    return {"keyword_confidence": np.asarray(conf, dtype=np.float64)}
+    """Mean probability of the answer tokens that overlap a key word (NaN when none does); the
+    scored tokens may end with the end-of-turn marker, so only the answer text's words count."""
+    answers = [r["answer"] for r in data.records]
+    return {
+        "keyword_confidence": keyword_confidence(
+            [a["tokens"] for a in answers],
+            [a["token_logprobs"] for a in answers],
+            [len(t.strip()) for t in data.texts],
+        )
+    }
+
+
+def _choice_accuracy(data: SetData) -> PerExample:
+    return {"accuracy": accuracy([r["choice_logprobs"] for r in data.records],
+                                 [r["target"] for r in data.records])}  # fmt: skip
 
 
 _SUM = frozenset({"answer.logprob_sum", "answer.n_tokens"})
@@ -295,18 +327,42 @@ SET_METRICS: tuple[SetMetric, ...] = (
         kinds=("qa",),
         roles=GENERATED_ROLES,
     ),
+    SetMetric(
+        "accuracy",
+        _choice_accuracy,
+        mean,
+        "mean (the answer's option has the highest summed log-likelihood); `_stderr`: sample "
+        "standard deviation / sqrt(n), as lm-evaluation-harness",
+        frozenset({"choice_logprobs", "target"}),
+        kinds=("choice",),
+        stderr=True,
+    ),
 )
 
 
 # ---------------------------------------------------------------------------- suite metrics
-def _forget_quality(data: SuiteData) -> tuple[dict[str, float], dict[str, str]]:
-    mine = _truth_ratios(data.sets["forget"])
+Computed = tuple[dict[str, float], dict[str, str]]
+
+
+def _forget_quality(data: SuiteData) -> Computed:
+    mine = _truth_ratios(data.get("forget"))
     theirs = _truth_ratios(data.ref("forget"))
     return {"forget_quality": forget_quality(mine, theirs)}, {}
 
 
-def _model_utility(data: SuiteData) -> tuple[dict[str, float], dict[str, str]]:
-    return {"model_utility": model_utility(dict(data.metrics))}, {}
+def _utility_keys(data: SuiteData) -> list[str]:
+    return [f"{name}_{m}" for name in data.utility for m in UTILITY_METRICS]
+
+
+def _model_utility(data: SuiteData) -> Computed:
+    """TOFU's harmonic mean over the sets the suite declares as utility sets."""
+    keys = _utility_keys(data)
+    absent = [k for k in keys if k not in data.metrics]
+    if not keys or absent:
+        if not keys:
+            return {}, {"model_utility": f"needs {UTILITY_HINT} (this suite declares none)"}
+        return {}, {"model_utility": f"needs {', '.join(absent)} ({UTILITY_HINT})"}
+    return {"model_utility": model_utility(data.metrics, tuple(keys))}, {}
 
 
 def _tok(d: SetData) -> list[Any]:
@@ -326,14 +382,14 @@ def _attack_scores(d: SetData, k: float) -> dict[str, np.ndarray]:
     }
 
 
-def _mia(data: SuiteData) -> tuple[dict[str, float], dict[str, str]]:
-    fs = _attack_scores(data.sets["forget"], data.min_k)
-    hs = _attack_scores(data.sets["holdout"], data.min_k)
+def _mia(data: SuiteData) -> Computed:
+    fs = _attack_scores(data.get("member"), data.min_k)
+    hs = _attack_scores(data.get("nonmember"), data.min_k)
     return {f"mia_{key}_auc": auc(fs[key], hs[key]) for key in fs}, {}
 
 
-def _mia_gradnorm(data: SuiteData) -> tuple[dict[str, float], dict[str, str]]:
-    forget, holdout = data.sets["forget"].records, data.sets["holdout"].records
+def _mia_gradnorm(data: SuiteData) -> Computed:
+    forget, holdout = data.get("member").records, data.get("nonmember").records
     if not all("grad_norm" in r for r in [*forget, *holdout]):
         why = "needs per-example gradient norms (one backward pass each); pass --mia-gradnorm"
         return {}, {"mia_gradnorm_auc": why}
@@ -344,18 +400,27 @@ def _mia_gradnorm(data: SuiteData) -> tuple[dict[str, float], dict[str, str]]:
     return {"mia_gradnorm_auc": score}, {}
 
 
-def _mia_reference(data: SuiteData) -> tuple[dict[str, float], dict[str, str]]:
-    member = reference_score(_tok(data.sets["forget"]), _tok(data.ref("forget")))
-    nonmember = reference_score(_tok(data.sets["holdout"]), _tok(data.ref("holdout")))
+def _mia_reference(data: SuiteData) -> Computed:
+    member = reference_score(_tok(data.get("member")), _tok(data.ref("member")))
+    nonmember = reference_score(_tok(data.get("nonmember")), _tok(data.ref("nonmember")))
     return {"mia_reference_auc": auc(member, nonmember)}, {}
 
 
-def _privleak(data: SuiteData) -> tuple[dict[str, float], dict[str, str]]:
-    """MUSE/OpenUnlearning privleak from the Min-K% AUCs of the model and the reference."""
-    ref_auc = auc(
-        min_k_score(_tok(data.ref("forget")), data.min_k),
-        min_k_score(_tok(data.ref("holdout")), data.min_k),
-    )
+def _privleak(data: SuiteData) -> Computed:
+    """MUSE/OpenUnlearning privleak from the Min-K% AUCs of the model and of the retained model:
+    the retain comparison's records when given, else the suite's published AUC (MUSE's), the
+    source said in the results' notes."""
+    if RETAIN in data.comparisons:
+        ref_auc = auc(
+            min_k_score(_tok(data.ref("member")), data.min_k),
+            min_k_score(_tok(data.ref("nonmember")), data.min_k),
+        )
+        data.notes["privleak_reference"] = "the retain comparison's records"
+    elif data.retrain_auc is not None:
+        ref_auc, source = data.retrain_auc
+        data.notes["privleak_reference"] = source
+    else:
+        return {}, {"privleak": NO_REFERENCE}
     out = {"reference_mia_min_k_auc": ref_auc}
     try:
         out["privleak"] = privleak(data.metrics["mia_min_k_auc"], ref_auc)
@@ -364,7 +429,21 @@ def _privleak(data: SuiteData) -> tuple[dict[str, float], dict[str, str]]:
     return out, {}
 
 
-_MIA_SETS = ("forget", "holdout")
+def _choice_overall(data: SuiteData) -> Computed:
+    """Accuracy over every multiple-choice set, weighted by size (lm-evaluation-harness's group
+    `acc`), with its pooled standard error."""
+    sets = [d for d in data.sets.values() if d.kind == "choice"]
+    if not sets:
+        return {}, {}
+    per = [_choice_accuracy(d)["accuracy"] for d in sets]
+    sizes = [len(p) for p in per]
+    acc = float(np.sum([np.sum(p) for p in per]) / np.sum(sizes))
+    stderr = pooled_stderr(sizes, [choice_stderr(p) for p in per])
+    return {"accuracy": acc, "accuracy_stderr": stderr}, {}
+
+
+UTILITY_HINT = "TOFU-style retain, real_authors and world_facts sets"
+_MIA_SETS = ("member", "nonmember")
 _MIA_HINT = "needs both a forget and a holdout set (--holdout FILE)"
 
 SUITE_METRICS: tuple[SuiteMetric, ...] = (
@@ -375,15 +454,13 @@ SUITE_METRICS: tuple[SuiteMetric, ...] = (
         _TRUE | _PERTURBED,
         sets=("forget",),
         needs_perturbed=True,
-        needs_reference=True,
+        compare=RETAIN,
     ),
     SuiteMetric(
         "model_utility",
         _model_utility,
         ("model_utility",),
         frozenset(),
-        needs_metrics=MODEL_UTILITY_KEYS,
-        metrics_hint="TOFU-style retain/real_authors/world_facts sets",
     ),
     SuiteMetric(
         "mia",
@@ -410,7 +487,7 @@ SUITE_METRICS: tuple[SuiteMetric, ...] = (
         frozenset({"answer.token_logprobs"}),
         sets=_MIA_SETS,
         sets_hint=_MIA_HINT,
-        needs_reference=True,
+        compare=RETAIN,
         sets_key="mia",
     ),
     SuiteMetric(
@@ -420,10 +497,15 @@ SUITE_METRICS: tuple[SuiteMetric, ...] = (
         frozenset({"answer.token_logprobs"}),
         sets=_MIA_SETS,
         sets_hint=_MIA_HINT,
-        needs_reference=True,
         needs_metrics=("mia_min_k_auc",),
         skip_key="privleak",
         sets_key="mia",
+    ),
+    SuiteMetric(
+        "accuracy",
+        _choice_overall,
+        ("accuracy", "accuracy_stderr"),
+        frozenset({"choice_logprobs", "target"}),
     ),
 )
 
@@ -463,18 +545,17 @@ def emitted_keys() -> list[tuple[str, str, str]]:
     """(key pattern, sets or inputs, aggregation / needs) for every key scoring can emit."""
     rows = []
     for m in SET_METRICS:
-        roles = [s for s, role in SET_ROLES.items() if role in m.roles]
-        kinds = "qa and text sets" if "text" in m.kinds else "qa sets"
+        kinds = " and ".join(m.kinds)
         needs = ["perturbed answers"] if m.needs_perturbed else []
         needs += ["generations"] if m.needs_generation else []
-        where = f"{', '.join(roles)} ({kinds}{'; needs ' + ', '.join(needs) if needs else ''})"
+        where = f"{', '.join(m.roles)} roles ({kinds} sets{'; needs ' + ', '.join(needs) if needs else ''})"
         reads = ", ".join(f"`{r}`" for r in sorted(m.reads))
         for key in m.emits:
             rows.append((f"`{{set}}_{key}`", where, f"{m.aggregation}; reads {reads}"))
     for sm in SUITE_METRICS:
         needs = [f"sets {', '.join(sm.sets)}"] if sm.sets else []
         needs += ["perturbed answers"] if sm.needs_perturbed else []
-        needs += ["--reference"] if sm.needs_reference else []
+        needs += [f"the {sm.compare} comparison"] if sm.compare else []
         needs += [f"metrics {', '.join(sm.needs_metrics)}"] if sm.needs_metrics else []
         reads = ", ".join(f"`{r}`" for r in sorted(sm.reads)) or "other metrics only"
         for key in sm.keys:
@@ -487,7 +568,11 @@ def markdown() -> str:
     lines = [
         "### Emitted keys",
         "",
-        "`{set}` is one of " + ", ".join(f"`{s}`" for s in SET_ROLES) + ".",
+        "`{set}` is a set's name in its suite (TOFU: forget, retain, real_authors, world_facts, "
+        "holdout; MUSE: verbmem_forget, knowmem_forget, knowmem_retain, privleak_forget, "
+        "privleak_holdout; WMDP: wmdp_bio, ...; MMLU: mmlu_{subject}); a set computes the "
+        "metrics its declaration allows. Suite-metric sets: a role, or membership inference's "
+        "member / nonmember side.",
         "",
         "| key | computed for / needs | aggregation and record fields read |",
         "|---|---|---|",

@@ -24,17 +24,21 @@ from unlearn.metrics import _inputs
 ROUGE_KEYS = ("rouge1_recall", "rouge1_f1", "rouge_l_recall", "rouge_l_f1")
 
 
-@lru_cache(maxsize=1)
-def _scorer() -> rouge_scorer.RougeScorer:
-    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+@lru_cache(maxsize=2)
+def _scorer(stem: bool = True) -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=stem)
 
 
-def rouge(generations: Sequence[str], references: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per-example ROUGE-1/ROUGE-L recall and F1, each [N], keyed by `ROUGE_KEYS`."""
+def rouge(
+    generations: Sequence[str], references: Sequence[str], stem: bool = True
+) -> dict[str, np.ndarray]:
+    """Per-example ROUGE-1/ROUGE-L recall and F1, each [N], keyed by `ROUGE_KEYS`.
+
+    `stem`: Porter-stem words first (TOFU and OpenUnlearning do; MUSE's own code does not)."""
     _inputs.same_length(generations, references, "generations and references")
     out: dict[str, list[float]] = {key: [] for key in ROUGE_KEYS}
     for generation, reference in zip(generations, references, strict=True):
-        scores = _scorer().score(reference, generation)
+        scores = _scorer(stem).score(reference, generation)
         out["rouge1_recall"].append(scores["rouge1"].recall)
         out["rouge1_f1"].append(scores["rouge1"].fmeasure)
         out["rouge_l_recall"].append(scores["rougeL"].recall)

@@ -71,21 +71,12 @@ class EvalSettings:
         return d
 
 
-class FewShotFormatter(PromptFormatter):
-    """Prompts used as given (no chat template): a base-model completion, as RESTOR asks.
-
-    An answer is " " + text; generation stops at the newline that ends RESTOR's answer lines (or
-    EOS, or max_new_tokens), so the decoder spends nothing past the first line.
-    """
-
-    def __init__(self, tokenizer, max_length: int = 512) -> None:
-        super().__init__(tokenizer, PromptConfig(template="plain", max_length=max_length))
-        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-        if len(newline) == 1:
-            self._end_ids = list(newline)
-
-    def prompt_text(self, question: str) -> str:
-        return question
+def few_shot_formatter(tokenizer, max_length: int = 512) -> PromptFormatter:
+    """Prompts used as given (no chat template): a base-model completion, as RESTOR asks. An answer
+    is " " + text; generation stops at the newline that ends RESTOR's answer lines (or EOS, or
+    max_new_tokens), so the decoder spends nothing past the first line."""
+    cfg = PromptConfig(template="plain", max_length=max_length)
+    return PromptFormatter(tokenizer, cfg, style="raw", stop=("\n",))
 
 
 @dataclass(frozen=True)
@@ -134,7 +125,7 @@ def fact_records(
 
     from unlearn.eval.records import PassStats, ScoreItem, score_and_generate
 
-    fmt = FewShotFormatter(tokenizer, s.max_length)
+    fmt = few_shot_formatter(tokenizer, s.max_length)
     todo = facts.facts_of(groups.all)
     # Facts asked with the same in-context examples form one call: their shared start runs once.
     by_prefix: dict[tuple[str, ...], list[Fact]] = {}
@@ -174,7 +165,7 @@ def fact_records(
                 "relation": f.relation,
                 "group": groups.of(f.entity),
                 "answers": list(f.answers),
-                "generation": gen.split("\n")[0].strip(),
+                "generation": gen,
                 "probe": probe,
                 "probe_answers": {k: sl.stop - sl.start for k, sl in span.items()},
             }

@@ -196,7 +196,7 @@ def score_and_generate(
         texts = greedy(model, formatter, todo, max_new_tokens, generation_batch, stats)
         gens.update(zip(todo, texts, strict=True))
     return [scores[i] for i in range(len(items))], [
-        gens[_prompt_ids(formatter, q)] for q in questions
+        formatter.cut(gens[_prompt_ids(formatter, q)]) for q in questions
     ]
 
 
@@ -239,4 +239,4 @@ def generate(
             strict=True,
         )
     )
-    return [texts[_prompt_ids(formatter, q)] for q in questions]
+    return [formatter.cut(texts[_prompt_ids(formatter, q)]) for q in questions]

@@ -30,10 +30,10 @@ GENERATION_BATCH = 128
 
 
 def stop_ids(formatter: PromptFormatter) -> list[int]:
-    """Generation stops at the template's end-of-turn token or EOS."""
+    """Generation stops at the template's end-of-turn token, EOS, or a one-token stop string."""
     tok = formatter.tokenizer
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    return sorted({*formatter.end_ids[:1], *eos})
+    return sorted({*formatter.end_ids[:1], *eos, *formatter.stop_token_ids})
 
 
 def decode_text(tok, new: list[int], stop: list[int]) -> tuple[str, int]:

@@ -19,20 +19,73 @@ from unlearn.errors import UnlearnError
 
 TOFU_HUB = "locuslab/TOFU"
 TOFU_SPLITS = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}
-BENCHMARKS = ("tofu", "people", "custom")
 #: Which answer a set's perturbed answers are paraphrases of (truth ratio's "true" side).
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 
 
+#: What a set is for. forget: what unlearning removes; retain: what it must keep; utility: general
+#: ability; holdout: never trained on (membership inference's non-members).
+ROLES = ("forget", "retain", "utility", "holdout")
+#: What a row is. qa: question + answer (paraphrased / perturbed answers optional); text: a
+#: document; choice: a question with answer options, scored by each option's log-likelihood.
+KINDS = ("qa", "text", "choice")
+
+
 @dataclass
 class EvalSet:
-    """One dataset of a suite. `role`: forget | retain | utility | holdout."""
+    """One dataset of a suite, and its declaration: how it is asked and what it is for.
+
+    Nothing in scoring branches on a set's name; metrics read these fields.
+    role: see ROLES. kind: see KINDS.
+    prompt: how the question is put to the model (`unlearn.prompts.PROMPT_STYLES`); `shots` is the
+        rendered few-shot prefix of prompt="few_shot"; `template` (with {question}) replaces the
+        plain "Question: ...\nAnswer:" of the few_shot and plain styles.
+    max_new_tokens: greedy tokens generated per row (None: the evaluation's
+        generation.max_new_tokens; 0: no generation). stop: strings that end a generation.
+    truth: the side truth ratio treats as true ("paraphrased" on TOFU's forget and retain sets,
+        else "answer"). score_end: score the end-of-turn tokens after an answer (None: the
+        evaluation's score.end_of_turn).
+    metrics: the per-set metrics computed (None: every one that applies to the kind and role).
+    mia: "member" or "nonmember" for membership inference (and privleak). rouge_stem: stem
+        words before ROUGE (TOFU yes, MUSE no).
+    truth_tokens: compare generations with the answer's first N tokens only (MUSE's verbatim
+        memorization). max_length: the set's token cap (None: the evaluation's prompt.max_length).
+    """
 
     name: str
     role: str
     rows: list[dict[str, Any]]
     source: str
     kind: str = "qa"
+    prompt: str = "model"
+    shots: str = ""
+    template: str | None = None
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    truth: str = "answer"
+    score_end: bool | None = None
+    metrics: tuple[str, ...] | None = None
+    mia: str | None = None
+    rouge_stem: bool = True
+    truth_tokens: int | None = None
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        from unlearn.prompts import PROMPT_STYLES
+
+        checks = [
+            ("role", self.role, ROLES),
+            ("kind", self.kind, KINDS),
+            ("prompt", self.prompt, PROMPT_STYLES),
+            ("truth", self.truth, ("answer", "paraphrased")),
+            ("mia", self.mia, (None, "member", "nonmember")),
+        ]
+        for what, value, allowed in checks:
+            if value not in allowed:
+                shown = ", ".join(str(a) for a in allowed)
+                raise UnlearnError(
+                    f"set '{self.name}': unknown {what} '{value}'; choose one of {shown}"
+                )
 
     @property
     def ids(self) -> list[str]:
@@ -50,15 +103,48 @@ class EvalSet:
     def has_paraphrase(self) -> bool:
         return self.kind == "qa" and all(r.get("paraphrased_answer") for r in self.rows)
 
+    @property
+    def generates(self) -> bool:
+        return self.kind == "qa" and self.max_new_tokens != 0
+
 
 @dataclass
 class Suite:
+    """A benchmark as data: its sets, the suite-level metrics it runs (None: every one whose
+    inputs are present), the sets TOFU's model utility is over (`utility`), the keys shown first
+    (`headline`), and a published retrained-model Min-K AUC (value, source) privleak may use."""
+
     benchmark: str
     split: str | None
     sets: list[EvalSet]
+    metrics: tuple[str, ...] | None = None
+    utility: tuple[str, ...] = ()
+    headline: tuple[str, ...] = ()
+    retrain_auc: tuple[float, str] | None = None
 
     def get(self, name: str) -> EvalSet | None:
         return next((s for s in self.sets if s.name == name), None)
+
+
+#: The sets TOFU's model utility is the harmonic mean over (with 3 metrics each).
+TOFU_UTILITY = ("retain", "real_authors", "world_facts")
+#: TOFU's headline numbers (also the people and custom suites').
+TOFU_HEADLINE = (
+    "forget_quality",
+    "model_utility",
+    "forget_rouge_l_recall",
+    "forget_truth_ratio",
+    "forget_probability",
+    "forget_extraction_strength",
+    "retain_rouge_l_recall",
+    "privleak",
+    "mia_min_k_auc",
+    "mia_loss_auc",
+    "mia_zlib_auc",
+    "mia_min_k_plus_plus_auc",
+    "mia_reference_auc",
+    "mia_gradnorm_auc",
+)
 
 
 def _finish(rows: list[dict[str, Any]], where: str, kind: str = "qa") -> list[dict[str, Any]]:
@@ -72,6 +158,8 @@ def _finish(rows: list[dict[str, Any]], where: str, kind: str = "qa") -> list[di
                 )
             digest = content_hash(row["question"], row["answer"])
             row = {**row, **_alternatives(row, i, where)}
+        elif kind == "choice":
+            digest = content_hash(row["question"], *row["choices"], str(row["answer"]))
         else:
             digest = content_hash(row["text"])
         out.append({**row, "id": str(row.get("id", i)), "sha256": digest})
@@ -170,8 +258,29 @@ def tofu_suite(
     for name, role, config in plan:
         rows, source = _tofu_rows(config, data_dir)
         rows = rows[:limit] if limit else rows
-        sets.append(EvalSet(name, role, _finish(rows, source), source))
-    return Suite("tofu", split, sets)
+        sets.append(tofu_set(name, role, _finish(rows, source), source))
+    return Suite("tofu", split, sets, utility=TOFU_UTILITY, headline=TOFU_HEADLINE)
+
+
+def tofu_set(
+    name: str,
+    role: str,
+    rows: list[dict[str, Any]],
+    source: str,
+    kind: str = "qa",
+) -> EvalSet:
+    """A set declared as TOFU declares it: the paraphrase is the true side on forget and retain,
+    forget and holdout are MIA's two sides and a holdout set is not generated for."""
+    return EvalSet(
+        name,
+        role,
+        rows,
+        source,
+        kind,
+        truth="paraphrased" if role in ("forget", "retain") else "answer",
+        max_new_tokens=0 if role == "holdout" else None,
+        mia={"forget": "member", "holdout": "nonmember"}.get(role),
+    )
 
 
 def people_suite(seed: int = 0, **sizes: int) -> Suite:
@@ -197,15 +306,19 @@ def people_suite(seed: int = 0, **sizes: int) -> Suite:
     real = [r for r in world if r["id"].removeprefix("world-") in people_ids]
     facts = [r for r in world if r["id"].removeprefix("world-") not in people_ids]
     sets = [
-        EvalSet("forget", "forget", _finish(splits["forget"], "people forget"), "built-in:people"),
-        EvalSet("retain", "retain", _finish(splits["retain"], "people retain"), "built-in:people"),
-        EvalSet("real_authors", "utility", _finish(real, "built-in real people"), "built-in:world"),
-        EvalSet("world_facts", "utility", _finish(facts, "built-in world facts"), "built-in:world"),
-        EvalSet(
+        tofu_set("forget", "forget", _finish(splits["forget"], "people forget"), "built-in:people"),
+        tofu_set("retain", "retain", _finish(splits["retain"], "people retain"), "built-in:people"),
+        tofu_set(
+            "real_authors", "utility", _finish(real, "built-in real people"), "built-in:world"
+        ),
+        tofu_set(
+            "world_facts", "utility", _finish(facts, "built-in world facts"), "built-in:world"
+        ),
+        tofu_set(
             "holdout", "holdout", _finish(splits["holdout"], "people holdout"), "built-in:people"
         ),
     ]
-    return Suite("people", f"seed{seed}", sets)
+    return Suite("people", f"seed{seed}", sets, utility=TOFU_UTILITY, headline=TOFU_HEADLINE)
 
 
 def custom_suite(
@@ -245,6 +358,6 @@ def custom_suite(
         rows = rows[: cfg.limit] if cfg.limit else rows
         kind = "qa" if qa else "text"
         sets.append(
-            EvalSet(name, name, _finish(rows, f"{name} data {cfg.path}", kind), cfg.path, kind)
+            tofu_set(name, name, _finish(rows, f"{name} data {cfg.path}", kind), cfg.path, kind)
         )
-    return Suite("custom", None, sets)
+    return Suite("custom", None, sets, headline=TOFU_HEADLINE)
