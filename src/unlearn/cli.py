@@ -180,8 +180,8 @@ def print_eval_summary(res: dict, output: str | None = None) -> None:
     if cut:
         max_length = res.get("settings", {}).get("prompt", {}).get("max_length")
         typer.echo(
-            f"warning: {cut} sequences were cut to prompt.max_length={max_length}; their scores "
-            "miss the cut tokens (raise prompt.max_length)"
+            f"warning: {cut} sequences were cut to their token cap (prompt.max_length="
+            f"{max_length}, or the set's own); their scores miss the cut tokens"
         )
     typer.echo(f"saved: {output or res.get('output', '')}")
 

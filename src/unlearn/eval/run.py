@@ -51,9 +51,11 @@ def set_formatter(base, s: EvalSet):
 
 def truth_chars(tokenizer, answer: str, n_tokens: int) -> int:
     """How many characters of `answer` its first `n_tokens` tokens cover, counted as MUSE does
-    (tokenized with special tokens, cut, decoded without them)."""
+    (tokenized with special tokens, so a BOS counts, cut, decoded without them). MUSE also asks
+    for clean_up_tokenization_spaces, which only moves spaces around punctuation: ROUGE's
+    tokenizer drops punctuation, so the scores are the same without it."""
     ids = tokenizer(answer, add_special_tokens=True)["input_ids"][:n_tokens]
-    kept = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    kept = tokenizer.decode(ids, skip_special_tokens=True)
     n = 0
     for a, b in zip(answer, kept, strict=False):
         if a != b:

@@ -32,6 +32,9 @@ MMLU_DEFAULT = (
     "high_school_biology",
     "high_school_computer_science",
 )
+#: The token cap of a question with its options: the harness uses the model's context length;
+#: WMDP's longest (cyber, ~2,900 characters) fit well inside this.
+CONTEXT_TOKENS = 4096
 DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 
 
@@ -82,7 +85,7 @@ def _shots(dev: list[dict[str, Any]], k: int) -> str:
 def _set(name: str, role: str, rows: list[dict[str, Any]], source: str, prefix: str) -> EvalSet:
     return EvalSet(
         name, role, _finish(_prompted(rows, prefix), source, "choice"), source, kind="choice",
-        prompt="raw", max_new_tokens=0, score_end=False,
+        prompt="raw", max_new_tokens=0, score_end=False, max_length=CONTEXT_TOKENS,
     )  # fmt: skip
 
 

@@ -7,10 +7,11 @@ Followed: github swj0419/muse_bench at fcd6651 (`metrics/verbmem.py`, `knowmem.p
 - knowmem_forget / knowmem_retain: 10 in-context pairs `Question: q\nAnswer: a\n\n` (the `*_icl`
   file, in order), then `Question: q\nAnswer: `; 32 greedy tokens cut at "\n\n", "\nQuestion",
   "Question:"; ROUGE-L F1 against the answer.
-- privleak_forget / privleak_holdout: whole documents (up to 4,096 tokens), Min-40% AUC of telling
+- privleak_forget / privleak_holdout: whole documents, Min-40% AUC of telling
   them apart; PrivLeak relative to the retrained model's AUC (a retain evaluation given as the
   "retain" comparison, else MUSE's published constant on the whole data).
-Numbers are in [0, 1] (MUSE prints x100). ROUGE is unstemmed as in MUSE's code; OpenUnlearning
+MUSE cuts nothing; every set here is capped at 4,096 tokens (cut sequences are counted in the
+results). Numbers are in [0, 1] (MUSE prints x100). ROUGE is unstemmed as in MUSE's code; OpenUnlearning
 stems (`rouge_stem=true` to match it). Differences from OpenUnlearning: docs/metrics.md.
 
 Data: the hub (`muse-bench/MUSE-News`, `muse-bench/MUSE-Books`) or a local folder in its layout:
@@ -128,7 +129,7 @@ def muse_suite(
                 f"knowmem_{side}", role, _finish(rows, source), source, prompt="few_shot",
                 shots=_shots(icl, icl_source), template=KNOWMEM_TEMPLATE,
                 max_new_tokens=KNOWMEM_TOKENS, stop=KNOWMEM_STOP, metrics=("rouge",),
-                rouge_stem=stem, score_end=False,
+                rouge_stem=stem, score_end=False, max_length=DOCUMENT_TOKENS,
             )
         )  # fmt: skip
 
