@@ -228,6 +228,33 @@ def evaluate(
     return run_evaluation(cfg, suite=suite, progress=progress)
 
 
+def protocol(
+    kind: str,
+    model: str,
+    forget: str | list[str],
+    retain: str | None,
+    method: str,
+    output: str,
+    *,
+    stages: int | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    eval_overrides: list[str] | tuple[str, ...] = (),
+    progress: bool = True,
+    **eval_fields: Any,
+) -> dict[str, Any]:
+    """MUSE's scalability or sustainability protocol (`unlearn.protocol`): unlearn stage after
+    stage, evaluating each (`eval_fields`: `evaluate`'s keys, e.g. benchmark="muse", data_dir,
+    reference); resumes a stopped run in `output`. Returns what protocol.json holds."""
+    from unlearn.protocol import Protocol, run_protocol
+
+    p = Protocol(
+        kind, model, [forget] if isinstance(forget, str) else list(forget), retain, method,
+        output, stages, list(overrides), {k: v for k, v in eval_fields.items() if v is not None},
+        list(eval_overrides),
+    )  # fmt: skip
+    return run_protocol(p, progress=progress)
+
+
 def report(
     eval_dirs: list[str] | list[Path], output: str | Path, show_examples: bool = False
 ) -> dict[str, Any]:

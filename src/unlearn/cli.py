@@ -186,6 +186,48 @@ def print_eval_summary(res: dict, output: str | None = None) -> None:
     typer.echo(f"saved: {output or res.get('output', '')}")
 
 
+@app.command("protocol")
+def protocol_(
+    kind: Annotated[str, typer.Argument(help="scalability | sustainability")],
+    overrides: Overrides = None,
+    model: ModelOpt = None,
+    forget: Annotated[
+        list[str] | None,
+        typer.Option(help="Forget file of a stage (repeat, one per stage), or one with --stages."),
+    ] = None,
+    stages: Annotated[
+        int | None, typer.Option(help="Cut the one --forget file into this many parts.")
+    ] = None,
+    retain: Annotated[str | None, typer.Option(help="Retain set: file or hub spec.")] = None,
+    method: Annotated[str | None, typer.Option(help="Unlearning method.")] = None,
+    output: OutputOpt = None,
+    benchmark: Annotated[str, typer.Option(help="Benchmark evaluated after each stage.")] = "muse",
+    split: Annotated[str | None, typer.Option(help="Benchmark split.")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Benchmark data folder.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Rows per evaluation set.")] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="Eval folder of the retain (retrained) model.")
+    ] = None,
+    eval_set: Annotated[
+        list[str] | None, typer.Option(help="Evaluation override key=value (repeatable).")
+    ] = None,
+) -> None:
+    """Run MUSE's scalability or sustainability protocol; rerun the same command to resume."""
+    from unlearn import api
+
+    if not (model and forget and method and output):
+        raise UnlearnError("protocol needs --model, --forget, --method and --output")
+    state = api.protocol(
+        kind, model, forget, retain, method, output, stages=stages, overrides=overrides or [],
+        eval_overrides=eval_set or [], benchmark=benchmark, split=split, data_dir=data_dir,
+        limit=limit, reference=reference,
+    )  # fmt: skip
+    for s in state["stages"]:
+        cells = ", ".join(f"{k} {v:.4g}" for k, v in s["metrics"].items())
+        typer.echo(f"stage {s['stage']} ({s['forget_n']} forget rows): {cells}")
+    typer.echo(f"saved: {output}/protocol.json, protocol.md, protocol.png")
+
+
 @app.command("eval")
 def eval_(
     overrides: Annotated[

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,28 @@ def data_record(cfg: DataConfig | None, examples: list[Example] | None) -> dict[
         "sha256": dataset_hash(examples),
         "examples": manifest_entries(examples),
     }
+
+
+def request_chain(resolved, base: dict[str, Any], command: str, method: str, forget: dict) -> list:
+    """The deletion requests applied to this model, oldest first: the input model's chain (from its
+    unlearn.json, when it is a folder this framework wrote) plus this run. Each entry names the
+    forget set by its hash, size and example ids/hashes, never its text."""
+    chain: list[dict[str, Any]] = []
+    manifest = Path(resolved.path) / "unlearn.json"
+    if resolved.kind == "local" and manifest.is_file():
+        try:
+            chain = list(json.loads(manifest.read_text(encoding="utf-8")).get("requests") or [])
+        except (OSError, json.JSONDecodeError):
+            chain = []
+    if command != "forget":
+        return chain  # fine-tuning adds knowledge; it is not a deletion request
+    chain.append(
+        {
+            "index": len(chain) + 1,
+            "method": method,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "base_model_sha256": base.get("sha256"),
+            "forget": {k: forget[k] for k in ("kind", "n", "sha256", "examples")},
+        }
+    )
+    return chain

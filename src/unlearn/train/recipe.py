@@ -36,6 +36,7 @@ from unlearn.train.manifest import (
     base_model_record,
     data_record,
     localization_record,
+    request_chain,
 )
 from unlearn.train.nll_check import NLL_CHECK_SEQUENCES, nll_pair, reference_covers, reference_nll
 from unlearn.train.plan import Plan, RunResult, resolved_config
@@ -187,6 +188,8 @@ def _manifest(plan: Plan, resolved, seqs: _Sequences, result, metrics, loc, cloc
     from unlearn.models import cache_root, local_folder
 
     cfg = plan.config
+    base = base_model_record(resolved, local_folder(resolved, cfg.model), cache_root(cfg.model))
+    forget = data_record(cfg.forget, plan.forget)
     return {
         "command": plan.command,
         "method": plan.method.name,
@@ -194,11 +197,10 @@ def _manifest(plan: Plan, resolved, seqs: _Sequences, result, metrics, loc, cloc
         "citation": plan.method.citation,
         "seed": cfg.train.seed,
         "versions": versions(),
-        "base_model": base_model_record(
-            resolved, local_folder(resolved, cfg.model), cache_root(cfg.model)
-        ),
+        "base_model": base,
+        "requests": request_chain(resolved, base, plan.command, plan.method.name, forget),
         "data": {
-            "forget": data_record(cfg.forget, plan.forget),
+            "forget": forget,
             "retain": data_record(cfg.retain, plan.retain) if plan.retain else None,
             "forget_sequences": len(seqs.forget),
             "nll_check_forget_sequences": len(seqs.check_forget),
