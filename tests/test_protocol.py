@@ -33,6 +33,7 @@ def _requests(folder):
     return json.loads((folder / "unlearn.json").read_text())["requests"]
 
 
+@pytest.mark.slow
 def test_sustainability_chains_requests_and_resumes(tiny_model_dir, docs, tmp_path):
     out = tmp_path / "sust"
     args = ("sustainability", str(tiny_model_dir), str(docs / "forget.json"),
@@ -59,18 +60,15 @@ def test_sustainability_chains_requests_and_resumes(tiny_model_dir, docs, tmp_pa
     (out / "protocol.json").write_text(json.dumps(state_file))
     (out / "stage_3" / "eval" / "results.json").unlink()
     again = protocol(*args, stages=3, overrides=TRAIN, progress=False, **EVAL)
-    assert again["stages"] == state["stages"] or [s["stage"] for s in again["stages"]] == [
-        0,
-        1,
-        2,
-        3,
-    ]
+    assert [s["stage"] for s in again["stages"]] == [0, 1, 2, 3]
+    assert again["stages"][3]["metrics"] == state["stages"][3]["metrics"]  # same model, same eval
     assert (out / "stage_2" / "model" / "unlearn.json").stat().st_mtime_ns == model_time
     # other settings in the same folder: refused
     with pytest.raises(UnlearnError, match="other settings"):
         protocol(*args, stages=2, overrides=TRAIN, progress=False, **EVAL)
 
 
+@pytest.mark.slow
 def test_scalability_unlearns_growing_sets_from_the_target(tiny_model_dir, docs, tmp_path):
     out = tmp_path / "scal"
     state = protocol(
