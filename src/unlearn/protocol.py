@@ -97,7 +97,7 @@ def _digest(rows: list[Any]) -> str:
 
 def run_protocol(p: Protocol, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) every stage; return what protocol.json holds."""
-    import unlearn
+    from unlearn import jobs as unlearn
 
     p.check()
     out = Path(p.output)
@@ -172,7 +172,8 @@ def run_protocol(p: Protocol, progress: bool = True) -> dict[str, Any]:
 def write_curves(out: Path, state: dict[str, Any]) -> None:
     """protocol.md (a table) and protocol.png (each headline metric against the forget-set size
     for scalability, the stage for sustainability)."""
-    from unlearn.report.build import _grid, _png
+    from unlearn.report.figures import grid as _grid
+    from unlearn.report.figures import png as _png
 
     stages = state["stages"]
     kind = state["settings"]["kind"]

@@ -17,32 +17,22 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
-import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from unlearn.errors import UnlearnError
 from unlearn.outputs import atomic_write_json, atomic_write_text
+from unlearn.report.figures import figure as _figure
+from unlearn.report.figures import grid as _grid
+from unlearn.report.figures import png as _png
+from unlearn.report.runs import Block, Run, _number, load_run
 
-RESULTS_FILE = "results.json"
-TRAIN_LOG = Path("logs") / "train.jsonl"
 FIRST_METRICS = ("forget_quality", "model_utility")
-# The headline numbers, one short table before the full list (which has dozens of metrics).
-KEY_METRICS = (
-    *FIRST_METRICS,
-    "forget_rouge_l_recall",
-    "forget_truth_ratio",
-    "forget_probability",
-    "retain_rouge_l_recall",
-    "privleak",
-    "mia_min_k_auc",
-)
 MAX_EXAMPLES = 10  # per model and dataset, when examples are shown
 # Keys of a training-log line that are not loss terms.
 NOT_LOSS = {"step", "epoch", "lr", "grad_norm", "seconds"}
@@ -54,85 +44,7 @@ PLOTS = {
 }
 
 
-@dataclass
-class Run:
-    """One evaluation folder, read and checked."""
-
-    name: str
-    folder: Path
-    results: dict[str, Any]
-    metrics: dict[str, float | None]
-    skipped: dict[str, str]
-    train_log: Path | None = None
-    log: list[dict[str, float]] = field(default_factory=list)
-    reference: Run | None = None
-
-    @property
-    def is_reference(self) -> bool:
-        return bool(self.results.get("is_reference"))
-
-    def per_example(self, dataset: str, metric: str) -> list[float]:
-        values = _get(self.results, "per_example", dataset, metric)
-        return [v for v in map(_number, values or []) if v is not None]
-
-
 # ---------------------------------------------------------------------------- reading inputs
-def _get(data: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
-
-
-def _number(value: Any) -> float | None:
-    """A finite float, or None for anything else (missing, NaN, inf, text)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def load_run(folder: str | Path) -> Run:
-    folder = Path(folder).expanduser()
-    path = folder / RESULTS_FILE
-    if not path.is_file():
-        raise UnlearnError(
-            f"{folder} has no {RESULTS_FILE}; is it an evaluation folder? Run `unlearn eval` "
-            "with --output pointing there first"
-        )
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UnlearnError(f"{path} is not valid JSON ({exc}); rerun `unlearn eval`") from exc
-    if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
-        raise UnlearnError(f"{path} has no 'metrics' object; rerun `unlearn eval` to rewrite it")
-    skipped = results.get("skipped") if isinstance(results.get("skipped"), dict) else {}
-    run = Run(
-        name=str(results.get("name") or folder.resolve().name),
-        folder=folder,
-        results=results,
-        metrics={str(k): _number(v) for k, v in results["metrics"].items()},
-        skipped={str(k): str(v) for k, v in skipped.items()},
-    )
-    run.train_log = _find_train_log(run)
-    run.log = _read_train_log(run.train_log) if run.train_log else []
-    return run
-
-
-def _find_train_log(run: Run) -> Path | None:
-    """`model_path` as written at eval time: try it as given, then beside and inside the eval folder."""
-    model_path = run.results.get("model_path")
-    if not isinstance(model_path, str) or not model_path:
-        return None
-    given = Path(model_path).expanduser()
-    bases = [Path()] if given.is_absolute() else [Path(), run.folder.parent, run.folder]
-    for base in bases:
-        candidate = base / given / TRAIN_LOG
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _localization(run: Run) -> Path | None:
     """The model's localization folder (`unlearn forget` with a localize section), if any."""
     if run.train_log is None:
@@ -171,19 +83,6 @@ def _localization_blocks(runs: list[Run]) -> list[Block]:
         intro = "Where the weights each localized run trained live (cells: % of a layer's module selected)."
         blocks = [("h2", "Localization"), ("p", intro), *blocks]
     return blocks
-
-
-def _read_train_log(path: Path) -> list[dict[str, float]]:
-    """Numeric fields of every parseable line; a torn last line (a killed run) is skipped."""
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and _number(record.get("step")) is not None:
-            rows.append({k: v for k, v in record.items() if _number(v) is not None})
-    return rows
 
 
 def _unique_names(runs: list[Run]) -> None:
@@ -249,28 +148,6 @@ def metric_order(runs: list[Run]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- plots
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def _grid(n: int, width: float = 5.2, height: float = 3.6):
-    cols = min(n, 2)
-    rows = math.ceil(n / cols)
-    fig = _figure(width * cols, height * rows)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, axes[:n]
-
-
 def plot_fq_vs_mu(runs: list[Run]) -> tuple[bytes | None, str]:
     points = [
         (r.name, r.metrics.get("model_utility"), r.metrics.get("forget_quality")) for r in runs
@@ -383,7 +260,6 @@ def plot_training_loss(runs: list[Run]) -> tuple[bytes | None, str]:
 # ---------------------------------------------------------------------------- document
 # A block is ("h1"|"h2"|"h3"|"p", text), ("table", header, rows[, numeric]) or
 # ("img", relative path, alt text, png bytes).
-Block = tuple
 
 
 def _model_spec(run: Run) -> str | None:
@@ -417,8 +293,16 @@ def _models_table(runs: list[Run]) -> Block:
     return ("table", header, rows)
 
 
+def headline(run: Run) -> list[str]:
+    """The keys a run's suite declares as its headline (TOFU's for evaluations that predate it)."""
+    from unlearn.eval.suites.builders import TOFU_HEADLINE
+
+    keys = run.results.get("headline")
+    return [str(k) for k in keys] if isinstance(keys, list) and keys else list(TOFU_HEADLINE)
+
+
 def _key_metrics_table(runs: list[Run], order: list[str]) -> Block:
-    keys = [m for m in KEY_METRICS if m in order]
+    keys = [m for m in dict.fromkeys(k for r in runs for k in headline(r)) if m in order]
     rows = [[r.name, *(format_value(m, r.metrics.get(m)) for m in keys)] for r in runs]
     return ("table", ["model", *keys], rows, True)
 
@@ -480,44 +364,99 @@ def _plot_blocks(title: str, key: str, result: tuple[bytes | None, str]) -> list
     return blocks
 
 
+@dataclass
+class Context:
+    """What every report section reads."""
+
+    runs: list[Run]
+    plots: dict[str, tuple[bytes | None, str]]
+    show: bool
+    order: list[str]
+
+    @property
+    def by_benchmark(self) -> dict[str, list[Run]]:
+        """Forgetting evaluations (RESTOR has its own section), grouped by benchmark."""
+        from unlearn.report import restor
+
+        out: dict[str, list[Run]] = {}
+        for r in self.runs:
+            if r not in restor.restor_runs(self.runs):
+                out.setdefault(str(r.results.get("benchmark") or "n/a"), []).append(r)
+        return out
+
+
+def _intro(ctx: Context) -> list[Block]:
+    refs = [r.name for r in ctx.runs if id(r) in _reference_runs(ctx.runs)]
+    intro = f"Comparison of {len(ctx.runs)} evaluation(s)."
+    if ctx.by_benchmark:
+        intro += " Reference (retain) model: "
+        intro += (", ".join(refs) + ".") if refs else "none among the inputs."
+    return [("h1", "Unlearning report"), ("p", intro), ("h2", "Models"), _models_table(ctx.runs)]
+
+
+def _key_metrics(ctx: Context) -> list[Block]:
+    """One headline table per benchmark (each suite declares its headline keys)."""
+    groups = ctx.by_benchmark
+    out: list[Block] = []
+    for bench, runs in groups.items():
+        title = "Key metrics" if len(groups) == 1 else f"Key metrics: {bench}"
+        out += [("h2", title)]
+        if any("forget_quality" in headline(r) for r in runs):
+            out.append(("p", "forget_quality is a p-value (higher means closer to the retain "
+                             "model); n/a means the metric is missing or not a finite number."))  # fmt: skip
+        out.append(_key_metrics_table(runs, ctx.order))
+    return out
+
+
+def _tofu_plots(ctx: Context) -> list[Block]:
+    if not ctx.by_benchmark:
+        return []
+    return [
+        *_plot_blocks("Forget quality vs model utility", "forget_quality_vs_model_utility",
+                      ctx.plots["forget_quality_vs_model_utility"]),
+        *_plot_blocks("Truth ratio on the forget set", "truth_ratio", ctx.plots["truth_ratio"]),
+    ]  # fmt: skip
+
+
+def _restor(ctx: Context) -> list[Block]:
+    from unlearn.report import restor
+
+    return restor.blocks(restor.restor_runs(ctx.runs), ctx.plots.get("restor_probe", (None, "")))
+
+
+def _training(ctx: Context) -> list[Block]:
+    return [
+        *_plot_blocks("Training loss", "training_loss", ctx.plots["training_loss"]),
+        *_localization_blocks(ctx.runs),
+    ]
+
+
+def _all_metrics(ctx: Context) -> list[Block]:
+    return [("h2", "All metrics"), _metrics_table(ctx.runs, ctx.order), *_skipped_blocks(ctx.runs)]
+
+
+def _examples(ctx: Context) -> list[Block]:
+    return _example_blocks(ctx.runs, ctx.show)
+
+
+#: The report, in order: each section a function of the context that returns its blocks (none
+#: when it does not apply). A suite with its own view adds one function here.
+SECTIONS: tuple[Callable[[Context], list[Block]], ...] = (
+    _intro,
+    _key_metrics,
+    _tofu_plots,
+    _restor,
+    _training,
+    _all_metrics,
+    _examples,
+)
+
+
 def document(
     runs: list[Run], plots: dict[str, tuple[bytes | None, str]], show: bool
 ) -> list[Block]:
-    from unlearn.report import restor
-
-    order = metric_order(runs)
-    restor_runs = restor.restor_runs(runs)
-    forgetting = [r for r in runs if r not in restor_runs]
-    refs = [r.name for r in runs if id(r) in _reference_runs(runs)]
-    intro = f"Comparison of {len(runs)} evaluation(s)."
-    if forgetting:
-        intro += " Reference (retain) model: "
-        intro += (", ".join(refs) + ".") if refs else "none among the inputs."
-    tofu: list[Block] = []
-    if forgetting:
-        tofu = [
-            ("h2", "Key metrics"),
-            ("p", "forget_quality is a p-value (higher means closer to the retain model); "
-                  "n/a means the metric is missing or not a finite number."),
-            _key_metrics_table(forgetting, order),
-            *_plot_blocks("Forget quality vs model utility", "forget_quality_vs_model_utility",
-                          plots["forget_quality_vs_model_utility"]),
-            *_plot_blocks("Truth ratio on the forget set", "truth_ratio", plots["truth_ratio"]),
-        ]  # fmt: skip
-    return [
-        ("h1", "Unlearning report"),
-        ("p", intro),
-        ("h2", "Models"),
-        _models_table(runs),
-        *tofu,
-        *restor.blocks(restor_runs, plots.get("restor_probe", (None, ""))),
-        *_plot_blocks("Training loss", "training_loss", plots["training_loss"]),
-        *_localization_blocks(runs),
-        ("h2", "All metrics"),
-        _metrics_table(runs, order),
-        *_skipped_blocks(runs),
-        *_example_blocks(runs, show),
-    ]  # fmt: skip
+    ctx = Context(runs, plots, show, metric_order(runs))
+    return [block for section in SECTIONS for block in section(ctx)]
 
 
 # ---------------------------------------------------------------------------- rendering

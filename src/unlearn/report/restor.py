@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from unlearn.report.build import Block, Run
+    from unlearn.report.runs import Block, Run
 
 PLOT = "plots/restor_probe.png"
 ROLE_ORDER = {"clean": 0, "corrupted": 1}
@@ -68,7 +68,8 @@ def table(runs: list[Run]) -> Block:
 def plot_probe(runs: list[Run]) -> tuple[bytes | None, str]:
     """Bars per model: mean per-token log-probability of correct, corrupted and random answers on
     the target facts, and of correct answers on the untouched facts."""
-    from unlearn.report.build import _figure, _png
+    from unlearn.report.figures import figure as _figure
+    from unlearn.report.figures import png as _png
 
     kinds = [
         ("target_probe_correct", "target: correct"),

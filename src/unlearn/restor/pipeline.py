@@ -167,7 +167,7 @@ def _train(
 ) -> None:
     """One `unlearn forget`/`finetune` run into `out`. A finished run of the same inputs and
     settings is kept, an interrupted one resumed, one made with other settings redone."""
-    from unlearn import api
+    from unlearn import jobs as api
     from unlearn.models import file_sha256
 
     stage = {

@@ -1,0 +1,212 @@
+"""Single jobs: one training run, one localization, one evaluation, each from settings resolved
+the same way (YAML < arguments < dotted overrides).
+
+This is the layer the orchestrations (`unlearn.protocol`, `unlearn.restor.pipeline`) build on, and
+the Python API (`unlearn.api`) re-exports; nothing here imports either of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from unlearn.config import (
+    EVAL_SCALARS,
+    EVAL_SECTIONS,
+    EvalConfig,
+    RunConfig,
+    apply_overrides,
+    build_config,
+    build_eval_config,
+    load_yaml,
+)
+from unlearn.train.loop import StepCallback
+from unlearn.train.plan import Plan, RunResult, plan_run
+from unlearn.train.recipe import execute
+
+if TYPE_CHECKING:
+    from unlearn.eval.suites.builders import Suite
+    from unlearn.localization.run import Localization
+
+
+def _config_tree(config: str | Path | dict[str, Any] | None) -> dict[str, Any]:
+    """The nested settings of a YAML file, a dict, or nothing, before arguments and overrides."""
+    if isinstance(config, dict):
+        return dict(config)
+    return load_yaml(config) if config is not None else {}
+
+
+def resolve_config(
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    **fields: Any,
+) -> RunConfig:
+    """YAML file (or dict) < explicit arguments < dotted overrides, validated."""
+    tree = _config_tree(config)
+    flat = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key in ("forget", "retain", "data"):
+            section = "forget" if key == "data" else key
+            tree[section] = {**(tree.get(section) or {}), "path": str(value)}
+        elif key == "model":
+            tree["model"] = {**(tree.get("model") or {}), "name": str(value)}
+        elif key == "method":
+            current = tree.get("method") or {}
+            current = {"name": current} if isinstance(current, str) else dict(current)
+            if current.get("name") not in (None, value):
+                current = {}  # a different method: the file's hyperparameters were for another one
+            tree["method"] = {**current, "name": value}
+        elif key in ("output", "overwrite", "resume"):
+            tree[key] = str(value) if key == "output" else bool(value)
+        else:
+            flat.append(f"{key}={value}")
+    tree = apply_overrides(tree, [*flat, *overrides])
+    return build_config(tree)
+
+
+def forget(
+    model: str | None = None,
+    forget: str | None = None,
+    retain: str | None = None,
+    method: str | None = None,
+    output: str | None = None,
+    *,
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    overwrite: bool | None = None,
+    resume: bool | None = None,
+    callbacks: list[StepCallback] | None = None,
+    dry_run: bool = False,
+) -> RunResult | Plan:
+    """Unlearn `forget` from `model` with `method`, keeping `retain`; write the result to `output`.
+
+    `overrides` are dotted `section.key=value` strings (`method.beta=0.2`, `train.lr=1e-5`).
+    Returns the output folder and the run's metrics (final losses, forget/retain NLL before/after
+    unless `train.nll_check=false`; the manifest's `seconds` says what each phase cost);
+    with `dry_run`, the validated Plan instead, having loaded no model and written nothing.
+    """
+    cfg = resolve_config(
+        config,
+        overrides,
+        model=model,
+        forget=forget,
+        retain=retain,
+        method=method,
+        output=output,
+        overwrite=overwrite or None,
+        resume=resume or None,
+    )
+    plan = plan_run(cfg, "forget")
+    return plan if dry_run else execute(plan, callbacks=callbacks)
+
+
+def finetune(
+    model: str | None = None,
+    data: str | None = None,
+    output: str | None = None,
+    *,
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    overwrite: bool | None = None,
+    resume: bool | None = None,
+    callbacks: list[StepCallback] | None = None,
+    dry_run: bool = False,
+) -> RunResult | Plan:
+    """Fine-tune `model` on `data` (NLL on answer tokens): how target and retain models are made.
+
+    With `dry_run`, returns the validated Plan instead of training.
+    """
+    cfg = resolve_config(
+        config,
+        overrides,
+        model=model,
+        data=data,
+        method="finetune",
+        output=output,
+        overwrite=overwrite or None,
+        resume=resume or None,
+    )
+    plan = plan_run(cfg, "finetune")
+    return plan if dry_run else execute(plan, callbacks=callbacks)
+
+
+def localize(
+    model: str | None = None,
+    forget: str | None = None,
+    retain: str | None = None,
+    output: str | None = None,
+    *,
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    overwrite: bool | None = None,
+) -> Localization:
+    """Score which weights hold `forget` relative to `retain` (GRIN by default); write the mask.
+
+    `output` receives mask.safetensors (reusable with `localize.mask=OUTPUT` in `forget`),
+    localization.json, summary.md and heatmap.png. `overrides` set the `localize` section
+    (`localize.top_fraction=0.01`, `localize.method=forget_grad`) and the `prompt`/`model` ones,
+    which must match the later forget run.
+    """
+    from unlearn.localization.run import run_localize
+
+    cfg = resolve_config(
+        config,
+        overrides,
+        model=model,
+        forget=forget,
+        retain=retain,
+        output=output,
+        overwrite=overwrite or None,
+    )
+    return run_localize(cfg)
+
+
+# ---------------------------------------------------------------------------- evaluate, report
+def resolve_eval_config(
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    **fields: Any,
+) -> EvalConfig:
+    """`unlearn eval`'s settings: YAML file (or dict) < explicit arguments < dotted overrides."""
+    tree = _config_tree(config)
+    flat = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key == "model":
+            tree["model"] = {**(tree.get("model") or {}), "name": str(value)}
+        elif key in EVAL_SCALARS:
+            tree[key] = value
+        else:
+            flat.append(f"{key}={value}")  # rejected below with the list of valid keys
+    tree = apply_overrides(
+        tree, [*flat, *overrides], sections=list(EVAL_SECTIONS), scalars=EVAL_SCALARS
+    )
+    return build_eval_config(tree)
+
+
+def evaluate(
+    model: str | None = None,
+    output: str | None = None,
+    *,
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    suite: Suite | None = None,
+    progress: bool = True,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Evaluate `model` on a benchmark; write results.json and records to `output`; return results.
+
+    `fields` are the eval config's top-level keys (benchmark, split, data_dir, forget, retain,
+    holdout, reference, compare, retrain_auc, rouge_stem, shots, name, limit, mia_gradnorm,
+    examples, overwrite; see `EvalConfig`); `overrides` the dotted
+    settings (`generation.max_new_tokens=200`, `prompt.system_prompt=...`, `score.end_of_turn=false`).
+    Defaults follow TOFU / OpenUnlearning (docs/metrics.md). `suite` replaces the benchmark by a
+    prebuilt suite. Refuses a non-empty `output` unless `overwrite=True`.
+    """
+    from unlearn.eval.run import run_evaluation
+
+    cfg = resolve_eval_config(config, overrides, model=model, output=output, **fields)
+    return run_evaluation(cfg, suite=suite, progress=progress)
