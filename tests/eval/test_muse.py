@@ -111,6 +111,9 @@ def test_privleak_is_muse_formula_from_the_saved_token_logprobs(news_eval):
     expected = (muse_auc - 0.4772) / 0.4772 * 100
     assert res["metrics"]["privleak"] == pytest.approx(expected, abs=1e-6)
     assert "retrain_auc" in res["notes"]["privleak_reference"]
+    # MUSE needs Min-K% only: no vocabulary moments are recorded, and Min-K%++ says why it is absent
+    assert all("vocab_mu" not in r["answer"] for r in records["privleak_forget"])
+    assert "vocabulary moments" in res["skipped"]["mia_min_k_plus_plus_auc"]
 
 
 def test_privleak_from_a_retain_comparison(news_eval, tiny_model_dir, tmp_path):
@@ -156,3 +159,29 @@ def test_stop_strings_cut_generations(tiny):
     assert f.cut(" Paris.\n\nQuestion: next") == "Paris."
     assert f.cut("Rome\nQuestion: x") == "Rome"
     assert f.cut("no stop here") == "no stop here"
+
+
+def test_unlearning_muse_documents_and_qa_only_methods_refuse_them(
+    tiny_model_dir, tmp_path, capsys
+):
+    """MUSE's raw corpus (a JSON list of articles) is unlearned as documents, cut into windows of
+    prompt.max_length; a method that needs question/answer pairs says so in one line."""
+    import unlearn
+
+    corpus = _json(NEWS / "raw" / "forget.json")[:3]
+    forget = tmp_path / "forget.json"
+    forget.write_text(json.dumps([d[:400] for d in corpus]))
+    run = unlearn.forget(
+        str(tiny_model_dir), str(forget), None, "grad_ascent", str(tmp_path / "ga"),
+        overrides=["train.max_steps=1", "prompt.max_length=64", "train.progress=false"],
+    )  # fmt: skip
+    data = run.manifest["data"]
+    assert data["forget"]["kind"] == "text" and data["forget"]["n"] == 3
+    assert data["forget_sequences"] > 3  # each article is cut into 64-token windows
+    capsys.readouterr()
+    code = main(
+        ["forget", "--model", str(tiny_model_dir), "--forget", str(forget), "--method", "idk_nll",
+         "--output", str(tmp_path / "idk"), "method.alpha=0"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "not documents" in err[0]

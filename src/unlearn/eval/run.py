@@ -96,8 +96,9 @@ def run_records(
         fmt = set_formatter(formatter, s)
         end = score_end if s.score_end is None else s.score_end
         new_tokens = max_new_tokens if s.max_new_tokens is None else s.max_new_tokens
+        detail: bool | str = True if s.moments else "tokens"
         if s.kind == "text":
-            docs = [ScoreItem(None, r["text"], detail=True) for r in s.rows]
+            docs = [ScoreItem(None, r["text"], detail=detail) for r in s.rows]
             scores = score(model, fmt, docs, batch_size=batch_size, stats=stats)
             out[s.name] = [
                 {"id": r["id"], "sha256": r["sha256"], "answer": sc.to_dict()}
@@ -113,7 +114,7 @@ def run_records(
         items: list[ScoreItem] = []
         layout: list[tuple[int, str, int]] = []  # (row, variant, index within variant)
         for i, r in enumerate(s.rows):
-            items.append(ScoreItem(r["question"], r["answer"], detail=True))
+            items.append(ScoreItem(r["question"], r["answer"], detail=detail))
             layout.append((i, "answer", 0))
             if r.get("paraphrased_answer"):
                 items.append(ScoreItem(r["question"], r["paraphrased_answer"]))

@@ -369,23 +369,32 @@ def _tok(d: SetData) -> list[Any]:
     return [r["answer"]["token_logprobs"] for r in d.records]
 
 
-def _attack_scores(d: SetData, k: float) -> dict[str, np.ndarray]:
+def _has_moments(d: SetData) -> bool:
+    return all("vocab_mu" in r["answer"] for r in d.records)
+
+
+def _attack_scores(d: SetData, k: float, moments: bool) -> dict[str, np.ndarray]:
     tok = _tok(d)
     answers = [r["answer"] for r in d.records]
-    return {
+    out = {
         "loss": loss_score(tok),
         "zlib": zlib_score(tok, list(d.texts)),
         "min_k": min_k_score(tok, k),
-        "min_k_plus_plus": min_k_plus_plus_score(
-            tok, [a["vocab_mu"] for a in answers], [a["vocab_sigma"] for a in answers], k
-        ),
     }
+    if moments:
+        out["min_k_plus_plus"] = min_k_plus_plus_score(
+            tok, [a["vocab_mu"] for a in answers], [a["vocab_sigma"] for a in answers], k
+        )
+    return out
 
 
 def _mia(data: SuiteData) -> Computed:
-    fs = _attack_scores(data.get("member"), data.min_k)
-    hs = _attack_scores(data.get("nonmember"), data.min_k)
-    return {f"mia_{key}_auc": auc(fs[key], hs[key]) for key in fs}, {}
+    member, nonmember = data.get("member"), data.get("nonmember")
+    moments = _has_moments(member) and _has_moments(nonmember)
+    fs = _attack_scores(member, data.min_k, moments)
+    hs = _attack_scores(nonmember, data.min_k, moments)
+    skipped = {} if moments else {"mia_min_k_plus_plus_auc": NO_MOMENTS}
+    return {f"mia_{key}_auc": auc(fs[key], hs[key]) for key in fs}, skipped
 
 
 def _mia_gradnorm(data: SuiteData) -> Computed:
@@ -442,6 +451,7 @@ def _choice_overall(data: SuiteData) -> Computed:
     return {"accuracy": acc, "accuracy_stderr": stderr}, {}
 
 
+NO_MOMENTS = "needs vocabulary moments, which this suite's sets do not record (EvalSet.moments)"
 UTILITY_HINT = "TOFU-style retain, real_authors and world_facts sets"
 _MIA_SETS = ("member", "nonmember")
 _MIA_HINT = "needs both a forget and a holdout set (--holdout FILE)"

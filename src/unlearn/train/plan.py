@@ -89,6 +89,10 @@ def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:
         retain = load_examples(cfg.retain, "retain")
     if method.needs(params).second_target and method.second_targets is not None:
         method.second_targets(forget, params, cfg.train.seed)  # a missing answer fails here
+    if command == "forget" and method.forget_targets is not None:
+        method.forget_targets(
+            forget, params, cfg.train.seed
+        )  # documents fail here, not after loading
     if command == "forget" and method.needs_retain(params) and retain is None:
         raise UnlearnError(
             f"method '{method.name}' has a retain term (alpha={getattr(params, 'alpha', '?')}), but "

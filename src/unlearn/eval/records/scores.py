@@ -23,7 +23,9 @@ class ScoreItem:
 
     question: str | None
     answer: str
-    detail: bool = False  # keep token-level values (only the main answer needs them)
+    # keep token-level values (only the main answer needs them): True = log-probs, tokens, top-1
+    # and the vocabulary moments (Min-K%++); "tokens" = log-probs and tokens only
+    detail: bool | str = False
 
 
 @dataclass
@@ -45,13 +47,9 @@ class Score:
     def to_dict(self) -> dict:
         d: dict = {"logprob_sum": self.logprob_sum, "n_tokens": self.n_tokens}
         if self.token_logprobs:
-            d.update(
-                token_logprobs=self.token_logprobs,
-                top1=self.top1,
-                vocab_mu=self.vocab_mu,
-                vocab_sigma=self.vocab_sigma,
-                tokens=self.tokens,
-            )
+            d.update(token_logprobs=self.token_logprobs, tokens=self.tokens)
+        if self.vocab_mu:
+            d.update(top1=self.top1, vocab_mu=self.vocab_mu, vocab_sigma=self.vocab_sigma)
         return d
 
 
@@ -85,7 +83,7 @@ def scored_sequence(
 
 
 def token_scores(
-    logits: torch.Tensor, target: torch.Tensor, detail: list[bool], tok
+    logits: torch.Tensor, target: torch.Tensor, detail: list[bool | str], tok
 ) -> list[Score]:
     """Scores of rows of logits [n, T, V] predicting target [n, T] (IGNORE_INDEX where unscored)."""
     mask = target != IGNORE_INDEX
@@ -94,32 +92,34 @@ def token_scores(
 
 
 def flat_scores(
-    logits: torch.Tensor, target: torch.Tensor, counts: list[int], detail: list[bool], tok
+    logits: torch.Tensor, target: torch.Tensor, counts: list[int], detail: list[bool | str], tok
 ) -> list[Score]:
     """Scores from logits [N, V] predicting each scored token [N], answers one after another
     (`counts[k]` tokens for answer k; `detail[k]` asks for its token-level values)."""
     logits = logits.float()
-    # log p(target) = logit - logsumexp: no [*, V] log-softmax for the many non-detailed answers
-    lse = torch.logsumexp(logits, dim=-1)
+    # log p(target) = logit - logsumexp: no [*, V] log-softmax for the many non-detailed answers;
+    # by row blocks, so logsumexp's [n, V] temporary stays small
+    lse = torch.cat([torch.logsumexp(b, dim=-1) for b in logits.split(MOMENT_ROWS)])
     tok_logp = (logits.gather(-1, target[:, None]).squeeze(-1) - lse).cpu()
     offsets = [0]
     for c in counts:
         offsets.append(offsets[-1] + c)
-    detailed = [k for k, d in enumerate(detail) if d]
+    detailed = [k for k, d in enumerate(detail) if d is True]
     moments = _moments(logits, lse, target, offsets, detailed) if detailed else None
     out: list[Score] = []
     d = 0  # offset into the detailed positions
     for k, (a, b) in enumerate(itertools.pairwise(offsets)):
         lp = tok_logp[a:b]
         s = Score(logprob_sum=float(lp.sum()), n_tokens=b - a)
-        if detail[k] and moments is not None:
-            top1, mu, sigma, target_d = moments
-            e = d + (b - a)
+        if detail[k]:
             s.token_logprobs = [round(float(x), 5) for x in lp]
+            s.tokens = tok.convert_ids_to_tokens(target[a:b].tolist())
+        if detail[k] is True and moments is not None:
+            top1, mu, sigma, _ = moments
+            e = d + (b - a)
             s.top1 = [bool(x) for x in top1[d:e]]
             s.vocab_mu = [round(float(x), 5) for x in mu[d:e]]
             s.vocab_sigma = [round(float(x), 5) for x in sigma[d:e]]
-            s.tokens = tok.convert_ids_to_tokens(target_d[d:e].tolist())
             d = e
         out.append(s)
     return out
@@ -135,11 +135,22 @@ def _moments(
     """Top-1 flags and the mean and std of the vocabulary log-probabilities (Min-K%++) at the
     detailed answers' positions only, in their order: (top1, mu, sigma, target)."""
     pos = torch.cat([torch.arange(offsets[k], offsets[k + 1]) for k in detailed]).to(logits.device)
-    lp = logits.index_select(0, pos) - lse.index_select(0, pos)[:, None]
     target_d = target.index_select(0, pos)
-    top1 = lp.argmax(-1) == target_d
-    p = lp.exp()
-    mu = (p * lp).sum(-1)
-    # E[(log p - mu)^2], not E[log p^2] - mu^2: the latter cancels badly in float32
-    sigma = (p * (lp - mu[:, None]).square()).sum(-1).sqrt()
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    # a few hundred positions at a time: [n, V] temporaries stay small (a 2k-token document's
+    # whole [T, V] in float32 is ~0.4 GB per temporary on a 49k vocabulary)
+    for chunk in pos.split(MOMENT_ROWS):
+        lp = logits.index_select(0, chunk) - lse.index_select(0, chunk)[:, None]
+        top1 = lp.argmax(-1) == target.index_select(0, chunk)
+        p = lp.exp()
+        mu = (p * lp).sum(-1)
+        # E[(log p - mu)^2], not E[log p^2] - mu^2: the latter cancels badly in float32
+        lp.sub_(mu[:, None]).square_()
+        sigma = (p.mul_(lp)).sum(-1).sqrt()
+        parts.append((top1, mu, sigma))
+    top1, mu, sigma = (torch.cat(x) for x in zip(*parts, strict=True))
     return top1.cpu(), mu.cpu(), sigma.cpu(), target_d.cpu()
+
+
+#: Positions whose vocabulary moments are computed together (bounds the [n, V] temporaries).
+MOMENT_ROWS = 256

@@ -50,6 +50,9 @@ class EvalSet:
         words before ROUGE (TOFU yes, MUSE no).
     truth_tokens: compare generations with the answer's first N tokens only (MUSE's verbatim
         memorization). max_length: the set's token cap (None: the evaluation's prompt.max_length).
+    moments: record each answer token's top-1 flag and vocabulary moments (exact memorization,
+        extraction strength, Min-K%++); False keeps its log-probabilities only (a [T, V] pass
+        less per document: MUSE needs Min-K% alone).
     """
 
     name: str
@@ -69,6 +72,7 @@ class EvalSet:
     rouge_stem: bool = True
     truth_tokens: int | None = None
     max_length: int | None = None
+    moments: bool = True
 
     def __post_init__(self) -> None:
         from unlearn.prompts import PROMPT_STYLES

@@ -114,7 +114,7 @@ def muse_suite(
         EvalSet(
             "verbmem_forget", "forget", _finish(rows, source), source, prompt="raw",
             max_new_tokens=VERBMEM_TOKENS, truth_tokens=VERBMEM_TOKENS, metrics=("rouge",),
-            rouge_stem=stem, max_length=DOCUMENT_TOKENS, score_end=False,
+            rouge_stem=stem, max_length=DOCUMENT_TOKENS, score_end=False, moments=False,
         )
     )  # fmt: skip
 
@@ -129,7 +129,7 @@ def muse_suite(
                 f"knowmem_{side}", role, _finish(rows, source), source, prompt="few_shot",
                 shots=_shots(icl, icl_source), template=KNOWMEM_TEMPLATE,
                 max_new_tokens=KNOWMEM_TOKENS, stop=KNOWMEM_STOP, metrics=("rouge",),
-                rouge_stem=stem, score_end=False, max_length=DOCUMENT_TOKENS,
+                rouge_stem=stem, score_end=False, max_length=DOCUMENT_TOKENS, moments=False,
             )
         )  # fmt: skip
 
@@ -140,6 +140,7 @@ def muse_suite(
             EvalSet(
                 f"privleak_{side}", role, _finish(_documents(docs, source), source, "text"),
                 source, kind="text", mia=mia, metrics=(), max_length=DOCUMENT_TOKENS,
+                moments=False,
             )
         )  # fmt: skip
     published = PUBLISHED_RETRAIN_AUC[corpus]
