@@ -475,6 +475,8 @@ class EvalConfig:
         compare: other named comparisons, NAME=EVAL_DIR (e.g. corrupted=..., before=...).
     retrain_auc: privleak's retrained-model Min-K AUC in MUSE's orientation, when no retain
         evaluation is given (MUSE's published value is used on its whole data otherwise).
+    privleak: false leaves privacy leakage out (e.g. the retrained model's own evaluation, which
+        is the reference and has none to compare with).
     rouge_stem: stem words before ROUGE (None: the benchmark's own choice: TOFU yes, MUSE no).
     shots: few-shot examples of multiple-choice questions (MMLU's dev rows; 0 = zero-shot).
     """
@@ -492,6 +494,7 @@ class EvalConfig:
     reference: str | None = None
     compare: list[str] | None = None
     retrain_auc: float | None = None
+    privleak: bool = True
     rouge_stem: bool | None = None
     shots: int = 0
     name: str | None = None

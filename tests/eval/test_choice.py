@@ -142,3 +142,12 @@ def test_own_file_and_errors(tiny_model_dir, tmp_path, capsys):
     code = main(["eval", "--model", str(tiny_model_dir), "--benchmark", "nope", "--output", "y"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "unknown benchmark 'nope'" in err[0]
+
+
+def test_a_set_declaration_is_checked():
+    from unlearn.eval.suites.builders import EvalSet
+
+    with pytest.raises(UnlearnError, match="set 'x': unknown role 'nope'; choose one of forget"):
+        EvalSet("x", "nope", [], "mem")
+    with pytest.raises(UnlearnError, match="unknown prompt 'fancy'"):
+        EvalSet("x", "forget", [], "mem", prompt="fancy")

@@ -151,6 +151,13 @@ def test_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "retrain_auc" in err[0]
     assert not (tmp_path / "o").exists()
+    # ... unless privleak is left out (the retrained model's own evaluation)
+    res = evaluate(
+        str(tiny_model_dir), str(tmp_path / "r"), benchmark="muse", data_dir=str(NEWS), limit=1,
+        privleak=False, progress=False,
+    )  # fmt: skip
+    assert "privleak" not in res["metrics"] and "privleak" not in res["skipped"]
+    assert "mia_min_k_auc" in res["metrics"]
 
 
 def test_stop_strings_cut_generations(tiny):

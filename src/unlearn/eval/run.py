@@ -289,6 +289,13 @@ def run_evaluation(
     if not cfg.output:
         raise UnlearnError("no output folder; pass --output FOLDER")
     suite = suite or build_suite(cfg)
+    if not cfg.privleak:
+        from unlearn.metrics.registry import SUITE_METRICS
+
+        names = suite.metrics or tuple(m.name for m in SUITE_METRICS)
+        suite = dataclasses.replace(
+            suite, metrics=tuple(n for n in names if n != "privleak"), retrain_auc=None
+        )
     compared = comparisons_of(cfg)
     comparison_records = {n: check_reference(suite, d, n) for n, d in compared.items()}
     retrain_auc = _retrain_auc(cfg, suite, compared)
