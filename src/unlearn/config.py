@@ -327,6 +327,38 @@ def apply_overrides(
     return tree
 
 
+def resolve_tree(
+    config: str | Path | dict[str, Any] | None,
+    overrides: list[str] | tuple[str, ...],
+    fields: dict[str, Any],
+    *,
+    sections: list[str] | None = None,
+    scalars: set[str] | None = None,
+    paths: tuple[str, ...] = (),
+    names: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Every command's settings, resolved alike: a YAML file (or dict) < explicit arguments <
+    dotted `section.key=value` overrides. `paths` / `names` are arguments that fill a section's
+    `path` / `name` (`--forget FILE` is `forget.path`); other arguments are top-level keys, or
+    are checked as overrides (an unknown one is a one-line error listing the valid keys)."""
+    if isinstance(config, dict):
+        tree = dict(config)
+    else:
+        tree = load_yaml(config) if config is not None else {}
+    flat = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key in paths or key in names:
+            field_name = "path" if key in paths else "name"
+            tree[key] = {**(tree.get(key) or {}), field_name: str(value)}
+        elif scalars is not None and key in scalars:
+            tree[key] = value
+        else:
+            flat.append(f"{key}={value}")
+    return apply_overrides(tree, [*flat, *overrides], sections=sections, scalars=scalars)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config file; a missing file or bad YAML is a one-line error."""
     p = Path(path)

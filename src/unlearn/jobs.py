@@ -10,15 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unlearn.config import _SCALARS as RUN_SCALARS
 from unlearn.config import (
     EVAL_SCALARS,
     EVAL_SECTIONS,
     EvalConfig,
     RunConfig,
-    apply_overrides,
     build_config,
     build_eval_config,
     load_yaml,
+    resolve_tree,
 )
 from unlearn.train.loop import StepCallback
 from unlearn.train.plan import Plan, RunResult, plan_run
@@ -29,40 +30,33 @@ if TYPE_CHECKING:
     from unlearn.localization.run import Localization
 
 
-def _config_tree(config: str | Path | dict[str, Any] | None) -> dict[str, Any]:
-    """The nested settings of a YAML file, a dict, or nothing, before arguments and overrides."""
-    if isinstance(config, dict):
-        return dict(config)
-    return load_yaml(config) if config is not None else {}
-
-
 def resolve_config(
     config: str | Path | dict[str, Any] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     **fields: Any,
 ) -> RunConfig:
-    """YAML file (or dict) < explicit arguments < dotted overrides, validated."""
-    tree = _config_tree(config)
-    flat = []
-    for key, value in fields.items():
-        if value is None:
-            continue
-        if key in ("forget", "retain", "data"):
-            section = "forget" if key == "data" else key
-            tree[section] = {**(tree.get(section) or {}), "path": str(value)}
-        elif key == "model":
-            tree["model"] = {**(tree.get("model") or {}), "name": str(value)}
-        elif key == "method":
-            current = tree.get("method") or {}
-            current = {"name": current} if isinstance(current, str) else dict(current)
-            if current.get("name") not in (None, value):
-                current = {}  # a different method: the file's hyperparameters were for another one
-            tree["method"] = {**current, "name": value}
-        elif key in ("output", "overwrite", "resume"):
-            tree[key] = str(value) if key == "output" else bool(value)
-        else:
-            flat.append(f"{key}={value}")
-    tree = apply_overrides(tree, [*flat, *overrides])
+    """A training run's settings (`resolve_tree`), validated. `data` is `forget`'s other name (what
+    `finetune` trains on); a `method` other than the file's drops the file's hyperparameters."""
+    tree = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
+    if fields.get("data") is not None:
+        fields = {**fields, "forget": fields["data"]}
+    fields.pop("data", None)
+    method = fields.pop("method", None)
+    if method is not None:
+        current = tree.get("method") or {}
+        current = {"name": current} if isinstance(current, str) else dict(current)
+        if current.get("name") not in (None, method):
+            current = {}  # a different method: the file's hyperparameters were for another one
+        tree["method"] = {**current, "name": method}
+    for key in ("overwrite", "resume"):
+        if fields.get(key) is not None:
+            fields[key] = bool(fields[key])
+    if fields.get("output") is not None:
+        fields["output"] = str(fields["output"])
+    tree = resolve_tree(
+        tree, overrides, fields, paths=("forget", "retain"), names=("model",),
+        scalars=set(RUN_SCALARS),
+    )  # fmt: skip
     return build_config(tree)
 
 
@@ -169,21 +163,11 @@ def resolve_eval_config(
     overrides: list[str] | tuple[str, ...] = (),
     **fields: Any,
 ) -> EvalConfig:
-    """`unlearn eval`'s settings: YAML file (or dict) < explicit arguments < dotted overrides."""
-    tree = _config_tree(config)
-    flat = []
-    for key, value in fields.items():
-        if value is None:
-            continue
-        if key == "model":
-            tree["model"] = {**(tree.get("model") or {}), "name": str(value)}
-        elif key in EVAL_SCALARS:
-            tree[key] = value
-        else:
-            flat.append(f"{key}={value}")  # rejected below with the list of valid keys
-    tree = apply_overrides(
-        tree, [*flat, *overrides], sections=list(EVAL_SECTIONS), scalars=EVAL_SCALARS
-    )
+    """`unlearn eval`'s settings (`resolve_tree`), validated."""
+    tree = resolve_tree(
+        config, overrides, fields, sections=list(EVAL_SECTIONS), scalars=EVAL_SCALARS,
+        names=("model",),
+    )  # fmt: skip
     return build_eval_config(tree)
 
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import apply_overrides, build_section, load_yaml
+from unlearn.config import build_section, resolve_tree
 from unlearn.errors import UnlearnError
 from unlearn.outputs import atomic_write_json
 from unlearn.restor.documents import (
@@ -119,11 +119,7 @@ def resolve_settings(
     **fields: Any,
 ) -> Settings:
     """YAML (or dict) < explicit arguments < dotted overrides; unknown keys are one-line errors."""
-    tree = dict(config) if isinstance(config, dict) else (load_yaml(config) if config else {})
-    for key, value in fields.items():
-        if value is not None:
-            tree[key] = value
-    tree = apply_overrides(tree, list(overrides), sections=SECTIONS, scalars=SCALARS)
+    tree = resolve_tree(config, overrides, fields, sections=SECTIONS, scalars=SCALARS)
     sections = {name: tree.pop(name, None) or {} for name in SECTIONS}
     defaults = Settings()
     built = build_section(Settings, {k: v for k, v in tree.items()}, "restor")

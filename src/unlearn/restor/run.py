@@ -330,7 +330,7 @@ def eval_command(
     """`unlearn restor eval`: who the targets are comes from --setup (an `unlearn restor` run),
     else --corruption (read off the documents, wrong answers inferred), else --targets, else the
     corrupted model itself (its run's setup.json, or the documents its manifest names)."""
-    from unlearn.config import apply_overrides, build_section
+    from unlearn.config import build_section, resolve_tree
     from unlearn.restor.evaluate import EvalSettings
 
     for value, flag in ((model, "--model"), (clean, "--clean"), (corrupted, "--corrupted")):
@@ -340,7 +340,9 @@ def eval_command(
             )
     if not facts:
         raise UnlearnError("no facts file given; pass --facts FILE (RESTOR's facts.json format)")
-    tree = apply_overrides({}, [f"eval.{o}" for o in overrides], sections=["eval"], scalars=set())
+    # the same `section.key=value` syntax as everywhere; the section may be left out here
+    dotted = [o if o.startswith("eval.") else f"eval.{o}" for o in overrides]
+    tree = resolve_tree(None, dotted, {}, sections=["eval"], scalars=set())
     s = build_section(EvalSettings, tree.get("eval", {}), "eval")
     s.check()
     f = load_facts(facts)
