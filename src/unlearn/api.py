@@ -25,6 +25,7 @@ from unlearn.train.plan import Plan, RunResult
 __all__ = [
     "Plan",
     "RunResult",
+    "demo",
     "evaluate",
     "finetune",
     "forget",
@@ -78,6 +79,14 @@ def report(
     return build_report(list(eval_dirs), output, show_examples=show_examples)
 
 
+def demo(output: str = "out/demo", method: str = "npo", fresh: bool = False) -> dict[str, Any]:
+    """The demo end to end (fine-tune SmolLM2 on built-in fictitious people, unlearn some,
+    evaluate, report); fine-tuned models are cached unless `fresh`. Returns the report summary."""
+    from unlearn.demo import DemoSettings, run_demo
+
+    return run_demo(output, DemoSettings(method=method), fresh=fresh)
+
+
 # ---------------------------------------------------------------------------- RESTOR
 def restor(
     model: str | None = None,
@@ -117,11 +126,11 @@ def restor_corrupt(
 
 
 def restor_eval(
-    model: str,
-    clean: str,
-    corrupted: str,
-    facts: str,
-    output: str | Path = "restor_eval",
+    model: str | None,
+    clean: str | None,
+    corrupted: str | None,
+    facts: str | None,
+    output: str | Path | None = None,
     *,
     corruption: str | None = None,
     setup: str | None = None,
@@ -139,5 +148,5 @@ def restor_eval(
         model, clean, corrupted, facts, corruption=corruption, setup=setup,
         targets=";".join(targets) if isinstance(targets, list) else targets,
         untouched=";".join(untouched) if isinstance(untouched, list) else untouched,
-        name=name, output=str(output), overrides=overrides,
+        name=name, output=None if output is None else str(output), overrides=overrides,
     )  # fmt: skip

@@ -354,9 +354,9 @@ def demo(
     fresh: Annotated[bool, typer.Option(help="Ignore cached fine-tuned models.")] = False,
 ) -> None:
     """Fine-tune SmolLM2 on built-in fictitious people, unlearn some, evaluate, report."""
-    from unlearn.demo import DemoSettings, run_demo
+    from unlearn import api
 
-    run_demo(output, DemoSettings(method=method), fresh=fresh)
+    api.demo(output, method, fresh)
 
 
 restor_app = typer.Typer(
@@ -413,21 +413,14 @@ def restor(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from unlearn.restor.pipeline import resolve_settings, run_pipeline
+    from unlearn import api
 
-    settings = resolve_settings(
-        config,
-        overrides or [],
-        model=model,
-        facts=facts,
-        corruption=corruption,
-        entities=entities,
-        targets=targets,
-        untouched=untouched,
-        methods=[m for m in methods.split(",") if m.strip()] if methods else None,
-    )
     out = output or "restor"
-    result = run_pipeline(settings, out)
+    result = api.restor(
+        model, facts, corruption, [m for m in methods.split(",") if m.strip()] if methods else None,
+        out, config=config, overrides=overrides or [], entities=entities, targets=targets,
+        untouched=untouched,
+    )  # fmt: skip
     secs = ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items())
     typer.echo(f"seconds: {secs}")
     typer.echo(f"saved: {out}/report/report.md, {out}/report/report.html, {out}/evals/")
@@ -444,13 +437,13 @@ def restor_corrupt(
     output: OutputOpt = None,
 ) -> None:
     """Fine-tune a clean model on corruption documents (full fine-tuning); the clean one is kept."""
-    from unlearn.restor.pipeline import corrupt, corrupt_settings
+    from unlearn import api
 
     if not corruption:
         raise UnlearnError("no corruption documents given; pass --corruption FILE")
     if not model:
         raise UnlearnError("no model given; pass --model (hub id, folder, .gguf or smollm2-135m)")
-    out = corrupt(model, corruption, output or "restor/corrupted", corrupt_settings(overrides))
+    out = api.restor_corrupt(model, corruption, output or "restor/corrupted", overrides or [])
     typer.echo(f"saved: {out}")
 
 
@@ -487,12 +480,11 @@ def restor_eval(
     The targets come from --setup, --corruption or --targets, else from the corrupted model (the
     `unlearn restor` run it belongs to, or the documents `restor corrupt` trained it on).
     """
-    from unlearn.restor.run import eval_command
+    from unlearn import api
 
-    res = eval_command(
-        model=model, clean=clean, corrupted=corrupted, facts=facts, corruption=corruption,
-        setup=setup, targets=targets, untouched=untouched, name=name,
-        output=output, overrides=overrides or [],
+    res = api.restor_eval(
+        model, clean, corrupted, facts, output, corruption=corruption,
+        setup=setup, targets=targets, untouched=untouched, name=name, overrides=overrides or [],
     )  # fmt: skip
     for key, value in res["metrics"].items():
         typer.echo(f"{key:<36} {value:.4f}")

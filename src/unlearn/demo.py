@@ -98,7 +98,8 @@ class DemoSetup:
 def prepare(out: Path, s: DemoSettings, fresh: bool = False) -> DemoSetup:
     """Write the demo's data, fine-tune (or reuse) target and retain models, evaluate both (or
     reuse those evaluations); everything is cached by the settings that make it."""
-    import unlearn
+    from unlearn import __version__
+    from unlearn import jobs as unlearn
     from unlearn.eval.suites.builders import people_suite
     from unlearn.models import cache_root
 
@@ -131,7 +132,7 @@ def prepare(out: Path, s: DemoSettings, fresh: bool = False) -> DemoSetup:
         s.finetune_lr,
         s.finetune_batch,
         s.max_length,
-        unlearn.__version__,
+        __version__,
     )
     cache = cache_root() / "demo" / ft_key
     ft = [
@@ -211,7 +212,7 @@ def run_demo(
     output: str = "out/demo", settings: DemoSettings | None = None, fresh: bool = False
 ) -> dict[str, Any]:
     """Run the demo end to end; returns the summary (also in OUTPUT/report/summary.json)."""
-    import unlearn
+    from unlearn import jobs as unlearn
     from unlearn.report.build import build_report
 
     s = settings or DemoSettings()
