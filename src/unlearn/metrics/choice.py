@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from unlearn.metrics import _inputs
+from unlearn.metrics.declare import Computed, SetData, SetMetric, SuiteData, SuiteMetric, mean
 
 
 def accuracy(choice_logprobs: Sequence[Sequence[float]], targets: Sequence[int]) -> np.ndarray:
@@ -47,3 +48,34 @@ def pooled_stderr(sizes: Sequence[int], stderrs: Sequence[float]) -> float:
         return float("nan")
     pooled = sum((n - 1) * n * se**2 for n, se in zip(sizes, stderrs, strict=True) if n > 1)
     return float(math.sqrt(pooled / (n_total - k) / n_total))
+
+
+# ---------------------------------------------------------------------------- declarations
+def _accuracy(data: SetData) -> dict[str, np.ndarray]:
+    return {"accuracy": accuracy([r["choice_logprobs"] for r in data.records],
+                                 [r["target"] for r in data.records])}  # fmt: skip
+
+
+def _overall(data: SuiteData) -> Computed:
+    """Accuracy over every multiple-choice set, weighted by size (lm-evaluation-harness's group
+    `acc`), with its pooled standard error."""
+    sets = [d for d in data.sets.values() if d.kind == "choice"]
+    if not sets:
+        return {}, {}
+    per = [_accuracy(d)["accuracy"] for d in sets]
+    sizes = [len(p) for p in per]
+    acc = float(np.sum([np.sum(p) for p in per]) / np.sum(sizes))
+    return {
+        "accuracy": acc,
+        "accuracy_stderr": pooled_stderr(sizes, [choice_stderr(p) for p in per]),
+    }, {}
+
+
+READS = frozenset({"choice_logprobs", "target"})
+ACCURACY = SetMetric(
+    "accuracy", _accuracy, mean,
+    "mean (the answer's option has the highest summed log-likelihood); `_stderr`: sample "
+    "standard deviation / sqrt(n), as lm-evaluation-harness", READS, kinds=("choice",),
+    stderr=True,
+)  # fmt: skip
+OVERALL_ACCURACY = SuiteMetric("accuracy", _overall, ("accuracy", "accuracy_stderr"), READS)

@@ -23,6 +23,7 @@ from scipy.stats import ks_2samp
 
 from unlearn.errors import UnlearnError
 from unlearn.metrics import _inputs
+from unlearn.metrics.declare import PERTURBED, RETAIN, TRUE, Computed, SuiteData, SuiteMetric
 
 
 def forget_quality(truth_ratios: ArrayLike, reference_truth_ratios: ArrayLike | None) -> float:
@@ -35,3 +36,18 @@ def forget_quality(truth_ratios: ArrayLike, reference_truth_ratios: ArrayLike | 
     model = _inputs.nonempty(_inputs.vector(truth_ratios, "truth_ratios"), "truth_ratios")
     reference = _inputs.vector(reference_truth_ratios, "reference_truth_ratios")
     return float(ks_2samp(model, reference).pvalue)
+
+
+# ---------------------------------------------------------------------------- declarations
+def _forget_quality(data: SuiteData) -> Computed:
+    from unlearn.metrics.truth_ratio import truth_ratios
+
+    mine = truth_ratios(data.get("forget"))
+    theirs = truth_ratios(data.ref("forget"))
+    return {"forget_quality": forget_quality(mine, theirs)}, {}
+
+
+FORGET_QUALITY = SuiteMetric(
+    "forget_quality", _forget_quality, ("forget_quality",), TRUE | PERTURBED, sets=("forget",),
+    needs_perturbed=True, compare=RETAIN,
+)  # fmt: skip

@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from unlearn.metrics import _inputs
+from unlearn.metrics.declare import GENERATED_ROLES, SetData, SetMetric, mean
 
 # English function words: articles, pronouns, auxiliaries, prepositions, conjunctions, and the
 # filler verbs and adverbs of TOFU-style answers. Content words, names and numbers stay out.
@@ -130,3 +131,33 @@ def keyword_confidence(
         if mask.any():
             out[i] = float(np.mean(np.exp(logp[mask])))
     return out
+
+
+# ---------------------------------------------------------------------------- declarations
+def _keyword_accuracy(data: SetData) -> dict[str, np.ndarray]:
+    gens = [r["generation"] for r in data.records]
+    return {"keyword_accuracy": keyword_accuracy(gens, list(data.texts))}
+
+
+def _keyword_confidence(data: SetData) -> dict[str, np.ndarray]:
+    """The scored tokens may end with the end-of-turn marker: only the answer text's words count."""
+    answers = [r["answer"] for r in data.records]
+    return {
+        "keyword_confidence": keyword_confidence(
+            [a["tokens"] for a in answers],
+            [a["token_logprobs"] for a in answers],
+            [len(t.strip()) for t in data.texts],
+        )
+    }
+
+
+KEYWORD_ACCURACY = SetMetric(
+    "keyword_accuracy", _keyword_accuracy, mean, "nanmean",
+    frozenset({"generation", "data.text"}), kinds=("qa",), roles=GENERATED_ROLES,
+    needs_generation=True,
+)  # fmt: skip
+KEYWORD_CONFIDENCE = SetMetric(
+    "keyword_confidence", _keyword_confidence, mean, "nanmean",
+    frozenset({"answer.tokens", "answer.token_logprobs", "data.text"}), kinds=("qa",),
+    roles=GENERATED_ROLES,
+)  # fmt: skip

@@ -26,6 +26,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from unlearn.metrics import _inputs
+from unlearn.metrics.declare import SetData, SetMetric, mean
 
 
 def exact_memorization(top1_match: Sequence[ArrayLike]) -> np.ndarray:
@@ -52,3 +53,18 @@ def _flags(top1_match: Sequence[ArrayLike]) -> list[np.ndarray]:
         if not np.all((f == 0) | (f == 1)):
             raise ValueError(f"top1_match[{i}] must hold only 0/1 or True/False")
     return flags
+
+
+# ---------------------------------------------------------------------------- declarations
+def _exact_memorization(data: SetData) -> dict[str, np.ndarray]:
+    return {"exact_memorization": exact_memorization([r["answer"]["top1"] for r in data.records])}
+
+
+def _extraction_strength(data: SetData) -> dict[str, np.ndarray]:
+    top1 = [r["answer"]["top1"] for r in data.records]
+    return {"extraction_strength": extraction_strength(top1)}
+
+
+TOP1 = frozenset({"answer.top1"})
+EXACT_MEMORIZATION = SetMetric("exact_memorization", _exact_memorization, mean, "mean", TOP1)
+EXTRACTION_STRENGTH = SetMetric("extraction_strength", _extraction_strength, mean, "mean", TOP1)

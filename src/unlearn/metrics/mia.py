@@ -42,8 +42,16 @@ from sklearn.metrics import roc_auc_score
 
 from unlearn.errors import UnlearnError
 from unlearn.metrics import _inputs
+from unlearn.metrics.declare import (
+    MIN_K_DEFAULT,
+    RETAIN,
+    Computed,
+    SetData,
+    SuiteData,
+    SuiteMetric,
+    token_logprobs,
+)
 
-MIN_K_DEFAULT = 0.4
 _MIN_VOCAB_VARIANCE = 1e-6
 
 
@@ -148,3 +156,72 @@ def _check_k(k: float) -> None:
         raise UnlearnError(
             f"Min-K% fraction k={k} is out of range; use a value in (0, 1], e.g. 0.4"
         )
+
+
+# ---------------------------------------------------------------------------- declarations
+NO_MOMENTS = "needs vocabulary moments, which this suite's sets do not record (EvalSet.moments)"
+MIA_SETS = ("member", "nonmember")
+MIA_HINT = "needs both a forget and a holdout set (--holdout FILE)"
+
+
+def _has_moments(d: SetData) -> bool:
+    return all("vocab_mu" in r["answer"] for r in d.records)
+
+
+def _attack_scores(d: SetData, k: float, moments: bool) -> dict[str, np.ndarray]:
+    tok = token_logprobs(d)
+    answers = [r["answer"] for r in d.records]
+    out = {
+        "loss": loss_score(tok),
+        "zlib": zlib_score(tok, list(d.texts)),
+        "min_k": min_k_score(tok, k),
+    }
+    if moments:
+        out["min_k_plus_plus"] = min_k_plus_plus_score(
+            tok, [a["vocab_mu"] for a in answers], [a["vocab_sigma"] for a in answers], k
+        )
+    return out
+
+
+def _mia(data: SuiteData) -> Computed:
+    member, nonmember = data.get("member"), data.get("nonmember")
+    moments = _has_moments(member) and _has_moments(nonmember)
+    fs = _attack_scores(member, data.min_k, moments)
+    hs = _attack_scores(nonmember, data.min_k, moments)
+    skipped = {} if moments else {"mia_min_k_plus_plus_auc": NO_MOMENTS}
+    return {f"mia_{key}_auc": auc(fs[key], hs[key]) for key in fs}, skipped
+
+
+def _mia_gradnorm(data: SuiteData) -> Computed:
+    forget, holdout = data.get("member").records, data.get("nonmember").records
+    if not all("grad_norm" in r for r in [*forget, *holdout]):
+        why = "needs per-example gradient norms (one backward pass each); pass --mia-gradnorm"
+        return {}, {"mia_gradnorm_auc": why}
+    score = auc(
+        gradnorm_score([r["grad_norm"] for r in forget]),
+        gradnorm_score([r["grad_norm"] for r in holdout]),
+    )
+    return {"mia_gradnorm_auc": score}, {}
+
+
+def _mia_reference(data: SuiteData) -> Computed:
+    member = reference_score(token_logprobs(data.get("member")), token_logprobs(data.ref("member")))
+    nonmember = reference_score(
+        token_logprobs(data.get("nonmember")), token_logprobs(data.ref("nonmember"))
+    )
+    return {"mia_reference_auc": auc(member, nonmember)}, {}
+
+
+MIA = SuiteMetric(
+    "mia", _mia, ("mia_loss_auc", "mia_zlib_auc", "mia_min_k_auc", "mia_min_k_plus_plus_auc"),
+    frozenset({"answer.token_logprobs", "answer.vocab_mu", "answer.vocab_sigma", "data.text"}),
+    sets=MIA_SETS, sets_hint=MIA_HINT, sets_key="mia",
+)  # fmt: skip
+MIA_GRADNORM = SuiteMetric(
+    "mia_gradnorm", _mia_gradnorm, ("mia_gradnorm_auc",), frozenset({"grad_norm"}),
+    sets=MIA_SETS, sets_hint=MIA_HINT, sets_key="mia",
+)  # fmt: skip
+MIA_REFERENCE = SuiteMetric(
+    "mia_reference", _mia_reference, ("mia_reference_auc",), frozenset({"answer.token_logprobs"}),
+    sets=MIA_SETS, sets_hint=MIA_HINT, compare=RETAIN, sets_key="mia",
+)  # fmt: skip

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from scipy.stats import hmean
 
 from unlearn.errors import UnlearnError
+from unlearn.metrics.declare import Computed, SuiteData, SuiteMetric
 
 #: What each utility set contributes (TOFU: retain, real_authors, world_facts x these three).
 UTILITY_METRICS = ("probability", "rouge_l_recall", "truth_ratio")
@@ -46,3 +47,21 @@ def model_utility(values: Mapping[str, float], keys: tuple[str, ...] | None = No
     if min(chosen) == 0.0:
         return 0.0
     return float(hmean(chosen))
+
+
+# ---------------------------------------------------------------------------- declarations
+UTILITY_HINT = "TOFU-style retain, real_authors and world_facts sets"
+
+
+def _model_utility(data: SuiteData) -> Computed:
+    """TOFU's harmonic mean over the sets the suite declares as utility sets."""
+    keys = [f"{name}_{m}" for name in data.utility for m in UTILITY_METRICS]
+    absent = [k for k in keys if k not in data.metrics]
+    if not keys:
+        return {}, {"model_utility": f"needs {UTILITY_HINT} (this suite declares none)"}
+    if absent:
+        return {}, {"model_utility": f"needs {', '.join(absent)} ({UTILITY_HINT})"}
+    return {"model_utility": model_utility(data.metrics, tuple(keys))}, {}
+
+
+MODEL_UTILITY = SuiteMetric("model_utility", _model_utility, ("model_utility",), frozenset())

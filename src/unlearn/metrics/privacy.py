@@ -33,6 +33,14 @@ from __future__ import annotations
 import math
 
 from unlearn.errors import UnlearnError
+from unlearn.metrics.declare import (
+    NO_REFERENCE,
+    RETAIN,
+    Computed,
+    SuiteData,
+    SuiteMetric,
+    token_logprobs,
+)
 
 _MISSING_REFERENCE = (
     "privacy leakage needs the reference (retain) model's records; pass --reference DIR"
@@ -79,3 +87,37 @@ def _checked(auc: float, reference_auc: float | None) -> tuple[float, float]:
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     return float(auc), float(reference_auc)
+
+
+# ---------------------------------------------------------------------------- declarations
+def _privleak(data: SuiteData) -> Computed:
+    """privleak from the Min-K% AUCs of the model and of the retained model: the retain
+    comparison's records when given, else the suite's published AUC (MUSE's), the source said in
+    the results' notes."""
+    from unlearn.metrics.mia import auc, min_k_score
+
+    if RETAIN in data.comparisons:
+        ref_auc = auc(
+            min_k_score(token_logprobs(data.ref("member")), data.min_k),
+            min_k_score(token_logprobs(data.ref("nonmember")), data.min_k),
+        )
+        data.notes["privleak_reference"] = "the retain comparison's records"
+    elif data.retrain_auc is not None:
+        ref_auc, source = data.retrain_auc
+        data.notes["privleak_reference"] = source
+    else:
+        return {}, {"privleak": NO_REFERENCE}
+    out = {"reference_mia_min_k_auc": ref_auc}
+    try:
+        out["privleak"] = privleak(data.metrics["mia_min_k_auc"], ref_auc)
+    except UnlearnError as exc:  # e.g. a reference AUC of exactly 1: undefined, not fatal
+        return out, {"privleak": str(exc)}
+    return out, {}
+
+
+PRIVLEAK = SuiteMetric(
+    "privleak", _privleak, ("reference_mia_min_k_auc", "privleak"),
+    frozenset({"answer.token_logprobs"}), sets=("member", "nonmember"),
+    sets_hint="needs both a forget and a holdout set (--holdout FILE)",
+    needs_metrics=("mia_min_k_auc",), skip_key="privleak", sets_key="mia",
+)  # fmt: skip

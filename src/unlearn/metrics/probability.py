@@ -25,6 +25,7 @@ from scipy.special import logsumexp
 
 from unlearn.errors import UnlearnError
 from unlearn.metrics import _inputs
+from unlearn.metrics.declare import PERTURBED, SUM, SetData, SetMetric, mean, perturbed_lp
 
 
 def mean_logprob(logprob_sum: ArrayLike, num_tokens: ArrayLike) -> np.ndarray:
@@ -58,3 +59,35 @@ def normalized_probability(
     false = _inputs.matrix(false_mean_logprobs, "false_mean_logprobs", rows=true.size)
     every = np.concatenate([true[:, None], false], axis=1)
     return np.exp(true - logsumexp(every, axis=1))
+
+
+# ---------------------------------------------------------------------------- declarations
+def answer_mean_lp(data: SetData) -> np.ndarray:
+    answers = [r["answer"] for r in data.records]
+    return mean_logprob([a["logprob_sum"] for a in answers], [a["n_tokens"] for a in answers])
+
+
+def _mean_nll(data: SetData) -> dict[str, np.ndarray]:
+    return {"mean_nll": -answer_mean_lp(data)}
+
+
+def _probability(data: SetData) -> dict[str, np.ndarray]:
+    """Plain on forget/retain; normalised over the perturbed answers on utility sets (TOFU)."""
+    lp = answer_mean_lp(data)
+    if data.role == "utility" and data.has_perturbed:
+        return {"probability": normalized_probability(lp, perturbed_lp(data.records))}
+    return {"probability": probability(lp)}
+
+
+def _raw_probability(data: SetData) -> dict[str, np.ndarray]:
+    """The answer's own probability on a utility set, before normalising over the perturbed
+    answers (OpenUnlearning's `ra_Q_A_Prob` / `wf_Q_A_Prob`, next to their `_normalised` forms)."""
+    return {"raw_probability": probability(answer_mean_lp(data))}
+
+
+MEAN_NLL = SetMetric("mean_nll", _mean_nll, mean, "mean", SUM)
+PROBABILITY = SetMetric("probability", _probability, mean, "mean", SUM | PERTURBED, kinds=("qa",))
+RAW_PROBABILITY = SetMetric(
+    "raw_probability", _raw_probability, mean, "mean", SUM, kinds=("qa",), roles=("utility",),
+    needs_perturbed=True,
+)  # fmt: skip

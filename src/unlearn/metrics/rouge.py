@@ -20,6 +20,7 @@ import numpy as np
 from rouge_score import rouge_scorer
 
 from unlearn.metrics import _inputs
+from unlearn.metrics.declare import GENERATED_ROLES, SetData, SetMetric, mean
 
 ROUGE_KEYS = ("rouge1_recall", "rouge1_f1", "rouge_l_recall", "rouge_l_f1")
 
@@ -52,3 +53,14 @@ def mean_rouge(scores: dict[str, np.ndarray]) -> dict[str, float]:
         key: float(np.mean(_inputs.nonempty(np.asarray(values, dtype=np.float64), key)))
         for key, values in scores.items()
     }
+
+
+# ---------------------------------------------------------------------------- declarations
+def _rouge(data: SetData) -> dict[str, np.ndarray]:
+    return rouge([r["generation"] for r in data.records], list(data.texts), stem=data.stem)
+
+
+ROUGE = SetMetric(
+    "rouge", _rouge, mean, "mean", frozenset({"generation", "data.text"}), keys=ROUGE_KEYS,
+    kinds=("qa",), roles=GENERATED_ROLES, needs_generation=True,
+)  # fmt: skip

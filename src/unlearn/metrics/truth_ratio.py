@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from unlearn.metrics import _inputs
+from unlearn.metrics.declare import PERTURBED, TRUE, SetData, SetMetric, mean_lp, perturbed_lp
 
 
 def truth_ratio(true_mean_logprob: ArrayLike, false_mean_logprobs: ArrayLike) -> np.ndarray:
@@ -51,3 +52,22 @@ def true_better(truth_ratios: ArrayLike) -> float:
     """Retain/real-authors/world-facts aggregate mean(max(0, 1 - tr)) in [0, 1]; higher = better."""
     tr = _inputs.nonempty(_inputs.vector(truth_ratios, "truth_ratios"), "truth_ratios")
     return float(np.mean(np.maximum(0.0, 1.0 - tr)))
+
+
+# ---------------------------------------------------------------------------- declarations
+def truth_ratios(data: SetData) -> np.ndarray:
+    """Per-example truth ratios of a set, its declared true side against its perturbed answers."""
+    true_lp = np.array([mean_lp(r[data.truth_key]) for r in data.records], dtype=np.float64)
+    return truth_ratio(true_lp, perturbed_lp(data.records))
+
+
+def truth_ratio_aggregate(values: np.ndarray, data: SetData) -> float:
+    """TOFU: forget sets report closer_to_1_better, the others true_better."""
+    return closer_to_1_better(values) if data.role == "forget" else true_better(values)
+
+
+TRUTH_RATIO = SetMetric(
+    "truth_ratio", lambda d: {"truth_ratio": truth_ratios(d)}, truth_ratio_aggregate,
+    "closer_to_1_better (forget), true_better (others)", TRUE | PERTURBED, kinds=("qa",),
+    needs_perturbed=True,
+)  # fmt: skip
