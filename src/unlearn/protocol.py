@@ -59,29 +59,13 @@ class Protocol:
             )
 
 
-def _rows(path: str) -> list[Any]:
-    """A file's rows as they are (documents as strings stay strings)."""
-    p = Path(path)
-    if p.suffix == ".json" and p.is_file():
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise UnlearnError(f"could not read {path}: {exc}") from None
-        if isinstance(data, list):
-            return data
-    return read_rows(path)
-
-
 def stage_sets(p: Protocol) -> list[list[Any]]:
     """The forget rows of every stage: the user's files as given, or one file cut into parts
     (scalability: the first k parts; sustainability: part k)."""
     if p.stages is None:
-        return [_rows(f) for f in p.forget]
+        return [read_rows(f) for f in p.forget]
     # each row keeps its place in the whole file as its id, so every stage's requests name it alike
-    rows = [
-        {"id": str(i), "text": r} if isinstance(r, str) else {"id": str(i), **r}
-        for i, r in enumerate(_rows(p.forget[0]))
-    ]
+    rows = [{"id": str(i), **r} for i, r in enumerate(read_rows(p.forget[0]))]
     if len(rows) < p.stages:
         raise UnlearnError(f"{p.forget[0]} has {len(rows)} rows, fewer than --stages {p.stages}")
     bounds = [round(len(rows) * k / p.stages) for k in range(p.stages + 1)]

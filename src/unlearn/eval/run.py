@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from unlearn.errors import UnlearnError
 from unlearn.eval.scoring import score_suite
 from unlearn.eval.suites.builders import EvalSet, Suite
 from unlearn.eval.suites.catalog import build_suite
-from unlearn.metrics.registry import RETAIN
+from unlearn.metrics.registry import RETAIN, SUITE_METRICS
 from unlearn.outputs import atomic_write_json, atomic_write_text
 
 __all__ = ["build_suite", "check_reference", "load_records", "run_evaluation", "run_records"]
@@ -56,12 +57,7 @@ def truth_chars(tokenizer, answer: str, n_tokens: int) -> int:
     tokenizer drops punctuation, so the scores are the same without it."""
     ids = tokenizer(answer, add_special_tokens=True)["input_ids"][:n_tokens]
     kept = tokenizer.decode(ids, skip_special_tokens=True)
-    n = 0
-    for a, b in zip(answer, kept, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n
+    return len(os.path.commonprefix([answer, kept]))  # noqa: RUF071 (characters, not paths)
 
 
 def run_records(
@@ -290,8 +286,6 @@ def run_evaluation(
         raise UnlearnError("no output folder; pass --output FOLDER")
     suite = suite or build_suite(cfg)
     if not cfg.privleak:
-        from unlearn.metrics.registry import SUITE_METRICS
-
         names = suite.metrics or tuple(m.name for m in SUITE_METRICS)
         suite = dataclasses.replace(
             suite, metrics=tuple(n for n in names if n != "privleak"), retrain_auc=None

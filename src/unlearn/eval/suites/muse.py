@@ -21,7 +21,6 @@ verbmem/forget.json, privleak/{forget,holdout}.json.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +56,13 @@ def _rows(corpus: str, data_dir: str | None, config: str, split: str) -> tuple[l
             f"MUSE folder {data_dir} has no {config}/{split}.json; --data-dir must be a folder "
             "in the hub's layout (knowmem/, verbmem/, privleak/)"
         )
-    try:
-        return json.loads(path.read_text(encoding="utf-8")), str(path)
-    except json.JSONDecodeError as exc:
-        raise UnlearnError(f"could not read {path}: {exc}") from None
+    return read_rows(str(path)), str(path)
 
 
-def _knowmem_split(corpus: str, data_dir: str | None, side: str) -> str:
-    """`retain_qa` in the current release, `retain2_qa` in older ones."""
-    if side == "forget" or data_dir is None:
-        return f"{side}_qa"
-    folder = Path(data_dir) / "knowmem"
-    return (
-        "retain_qa"
-        if (folder / "retain_qa.json").is_file() or not (folder / "retain2_qa.json").is_file()
-        else "retain2_qa"
-    )
+def _knowmem_split(data_dir: str | None, side: str) -> str:
+    """`retain_qa` in the current release; a local folder of an older one has `retain2_qa`."""
+    older = data_dir is not None and (Path(data_dir) / "knowmem" / "retain2_qa.json").is_file()
+    return "retain2_qa" if side == "retain" and older else f"{side}_qa"
 
 
 def _shots(pairs: list[dict[str, Any]], where: str) -> str:
@@ -85,7 +75,7 @@ def _shots(pairs: list[dict[str, Any]], where: str) -> str:
 def _documents(rows: list[Any], where: str) -> list[dict[str, Any]]:
     out = []
     for i, r in enumerate(rows):
-        text = r.get("text") if isinstance(r, dict) else r
+        text = r.get("text") if isinstance(r, dict) else r  # the hub gives {"text"}, files strings
         if not isinstance(text, str):
             raise UnlearnError(f"{where}: row {i} must be a document (a string or {{'text'}})")
         out.append({"id": str(i), "text": text})
@@ -119,7 +109,7 @@ def muse_suite(
     )  # fmt: skip
 
     for side, role in (("forget", "forget"), ("retain", "retain")):
-        split = _knowmem_split(corpus, data_dir, side)
+        split = _knowmem_split(data_dir, side)
         qa, source = _rows(corpus, data_dir, "knowmem", split)
         icl, icl_source = _rows(corpus, data_dir, "knowmem", f"{split}_icl")
         qa = qa[:limit] if limit else qa
