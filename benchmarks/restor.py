@@ -70,9 +70,10 @@ def run_variant(name: str, out: Path, overrides: list[str], fresh: bool) -> dict
 
 
 def _acc(r: dict[str, Any], subset: str) -> str:
-    v = r["metrics"].get(f"{subset}_accuracy")
-    c = r["counts"].get(subset, {})
-    return "–" if v is None else f"{v:.2f} ({c.get('correct')}/{c.get('facts')})"
+    m = r["metrics"]
+    v = m.get(f"{subset}_accuracy")
+    right, n = m.get(f"{subset}_correct"), m.get(f"{subset}_facts")
+    return "–" if v is None else f"{v:.2f} ({right:.0f}/{n:.0f})"
 
 
 def _num(r: dict[str, Any] | None, key: str, spec: str = ".2f") -> str:
@@ -103,7 +104,7 @@ def _table(v: dict[str, Any]) -> list[str]:
 
 
 def _known(r: dict[str, Any], group: str) -> int:
-    return int(r["counts"].get(f"{group}_known", {}).get("correct", 0))
+    return int(r["metrics"].get(f"{group}_known_correct", 0))
 
 
 def _specificity(share_t: float, share_u: float) -> str:

@@ -491,9 +491,11 @@ class ScoreConfig:
     end_of_turn: true (default, the TOFU / OpenUnlearning protocol) scores every label token after
         the prompt: the answer, the template's end-of-turn marker and what the template appends
         after it (ChatML: `<|im_end|>` and a newline). false scores the answer text only.
+    batch_size: teacher-forced sequences per forward batch (also capped at 4,096 tokens).
     """
 
     end_of_turn: bool = True
+    batch_size: int = 32
 
 
 @dataclass
@@ -568,6 +570,7 @@ def _validate_eval(cfg: EvalConfig) -> None:
     checks = [
         (cfg.generation.max_new_tokens >= 1, "generation.max_new_tokens must be at least 1"),
         (cfg.generation.batch_size >= 1, "generation.batch_size must be at least 1"),
+        (cfg.score.batch_size >= 1, "score.batch_size must be at least 1"),
         (cfg.prompt.max_length >= 16, "prompt.max_length must be at least 16 (default 512)"),
         (cfg.limit is None or cfg.limit >= 1, "limit must be at least 1 (or unset for all rows)"),
         (cfg.examples >= 0, "examples must be >= 0 (0 saves no data text)"),

@@ -312,3 +312,36 @@ def test_cli_refuses_a_layer_past_the_model_in_one_line(capsys, target_dir, qa_f
     lines = [line for line in err.splitlines() if line.startswith("unlearn: error:")]
     assert code != 0 and len(lines) == 1 and "Traceback" not in err
     assert "past the model's 2 decoder blocks" in lines[0] and "between 0 and 1" in lines[0]
+
+
+def test_wmdp_corpora_are_documents_from_a_file_or_the_hub(
+    tiny_model_dir, tmp_path, monkeypatch, one_torch_thread
+):
+    """WMDP's forget and retain corpora (hub `cais/wmdp-corpora`, configs `cyber-forget-corpus`,
+    `cyber-retain-corpus`, ...; the gated bio forget corpus downloads as JSON lines of {"text"})
+    load as documents, from the hub spec or the downloaded file, and RMU trains on them."""
+    import datasets
+
+    articles = [f"Article {i}: " + "the exploit chains a heap overflow " * 12 for i in range(4)]
+    retain_text = [f"Note {i}: " + "a patch bounds-checks the buffer " * 12 for i in range(4)]
+    calls = []
+
+    def fake_load(repo, config=None, split=None):
+        calls.append((repo, config, split))
+        return [{"text": t} for t in (articles if "forget" in config else retain_text)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    forget_file = tmp_path / "bio-forget-corpus.jsonl"
+    forget_file.write_text("".join(json.dumps({"title": "t", "text": t}) + "\n" for t in articles))
+    for forget in ("hub:cais/wmdp-corpora:cyber-forget-corpus", str(forget_file)):
+        out = tmp_path / ("hub" if forget.startswith("hub:") else "file")
+        res = unlearn.forget(
+            str(tiny_model_dir), forget, "hub:cais/wmdp-corpora:cyber-retain-corpus", "rmu",
+            str(out), overrides=[*FAST, "train.max_steps=1", "method.layer=1",
+                                 "prompt.max_length=32"],
+        )  # fmt: skip
+        data = res.manifest["data"]
+        assert data["forget"]["kind"] == "text" and data["forget"]["n"] == 4
+        assert data["forget_sequences"] > 4  # each article cut into 32-token windows
+    assert ("cais/wmdp-corpora", "cyber-forget-corpus", "train") in calls
+    assert ("cais/wmdp-corpora", "cyber-retain-corpus", "train") in calls

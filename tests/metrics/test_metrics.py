@@ -403,6 +403,10 @@ def _record(i: int) -> dict:
         "grad_norm": 1.0 + i,
         "choice_logprobs": [-1.0 - i, -0.5, -2.0, -1.5],
         "target": i % 4,
+        "answers": ["Paris", "Lyon"] if i % 2 else ["Rome"],
+        "probe": {"correct": -1.0 - i, "corrupted": -2.0, "random": -3.0}
+        if i % 2
+        else {"correct": -0.5},
     }
 
 
@@ -415,6 +419,7 @@ SETS = (
     ("world_facts", "utility", "answer", None, "qa"),
     ("holdout", "holdout", "answer", "nonmember", "qa"),
     ("wmdp_bio", "forget", "answer", None, "choice"),
+    ("target", "forget", "answer", None, "probe"),
 )
 
 
@@ -458,17 +463,30 @@ def test_every_suite_metric_reads_exactly_its_declared_inputs(metric):
         }
         reference = {n: [_Tracked(_record(i + 1), "", seen) for i in range(4)] for n in sets}
         metrics = {key: 0.5 for key in metric.needs_metrics}
-        data = R.SuiteData(sets, {R.RETAIN: reference}, metrics, utility=TOFU_UTILITY)
+        compared = {name: reference for name in (R.RETAIN, *metric.compare)}
+        data = R.SuiteData(sets, compared, metrics, utility=TOFU_UTILITY)
         values, skipped = metric.compute(data)
-        assert set(values) | set(skipped) == set(metric.keys)
+        assert set(values) | set(skipped) == _expanded(metric.keys)
         assert seen <= metric.reads, seen - metric.reads
         union |= seen
     assert union == metric.reads
 
 
+def _expanded(keys: tuple[str, ...]) -> set[str]:
+    """Key patterns with `{set}` (each probe set of SETS) and `{kind}` (each probe kind)."""
+    from unlearn.metrics.restor import PROBE_KINDS
+
+    probe_sets = [s[0] for s in SETS if s[4] == "probe"]
+    out = set()
+    for key in keys:
+        for name, kind in itertools.product(probe_sets, PROBE_KINDS):
+            out.add(key.format(set=name, kind=kind))
+    return out
+
+
 def test_registry_keys_are_unique_and_mapped_keys_exist():
-    keys = [f"{s[0]}_{k}" for s in SETS for m in R.SET_METRICS for k in m.emits]
-    keys += [k for m in R.SUITE_METRICS for k in m.keys]
+    keys = [f"{s[0]}_{k}" for s in SETS for m in R.SET_METRICS if s[4] in m.kinds for k in m.emits]
+    keys += [k for m in R.SUITE_METRICS for k in sorted(_expanded(m.keys))]
     assert len(keys) == len(set(keys))
     assert set(R.OPENUNLEARNING_KEYS) <= set(keys)
 

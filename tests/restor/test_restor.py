@@ -10,7 +10,8 @@ import pytest
 from conftest import SHARED
 from unlearn.cli import main
 from unlearn.errors import UnlearnError
-from unlearn.restor import documents, metrics
+from unlearn.metrics import restor as metrics
+from unlearn.restor import documents
 from unlearn.restor.facts import few_shot_prompt, load_facts, shots_for
 
 PEOPLE = ["Ada Stone", "Bo Lark", "Cy Moss", "Di Fern", "Ed Pike", "Flo Reed", "Gus Hale"]
@@ -175,57 +176,91 @@ def test_judge_folds_case_accents_aliases_and_keeps_words_whole():
     )
 
 
-def _rec(i: int, group: str, generation: str, correct: float) -> dict:
-    return {"id": f"E{i}/P", "entity": f"E{i}", "group": group, "answers": ["yes"],
-            "generation": generation, "probe": {"correct": correct, "random": -9.0}}  # fmt: skip
+def _rec(i: int, generation: str, correct: float) -> dict:
+    return {"id": f"E{i}/P", "sha256": str(i), "answers": ["yes"], "generation": generation,
+            "probe": {"correct": correct, "random": -9.0}}  # fmt: skip
+
+
+def _restor_suite():
+    from unlearn.eval.suites.builders import EvalSet, Suite
+
+    def rows(ids):
+        return [{"id": f"E{i}/P", "sha256": str(i), "question": "q", "answers": ["yes"],
+                 "probes": {}} for i in ids]  # fmt: skip
+
+    return Suite("restor", None, [
+        EvalSet("target", "forget", rows(range(4)), "t", kind="probe"),
+        EvalSet("untouched", "retain", rows([9]), "t", kind="probe"),
+    ], metrics=("restoration",))  # fmt: skip
 
 
 def test_restoration_by_hand():
+    from unlearn.eval.scoring import score_suite
+
     # 4 target facts: clean knows 3 (0,1,2), corrupted knows 0, unlearned knows 1 (fact 0) and
     # fact 3, which the clean model never knew.
-    clean = [_rec(i, "target", "yes" if i < 3 else "no", -1.0) for i in range(4)]
-    clean.append(_rec(9, "untouched", "yes", -1.0))
-    corrupted = [_rec(i, "target", "no", -5.0) for i in range(4)] + [
-        _rec(9, "untouched", "yes", -1.5)
-    ]
-    unlearned = [_rec(i, "target", "yes" if i in (0, 3) else "no", -2.0) for i in range(4)]
-    unlearned.append(_rec(9, "untouched", "no", -3.0))
-    res = metrics.score_restor(unlearned, clean, corrupted)
-    m = res["metrics"]
-    assert m["target_accuracy"] == 0.5
+    clean = {"target": [_rec(i, "yes" if i < 3 else "no", -1.0) for i in range(4)],
+             "untouched": [_rec(9, "yes", -1.0)]}  # fmt: skip
+    corrupted = {"target": [_rec(i, "no", -5.0) for i in range(4)],
+                 "untouched": [_rec(9, "yes", -1.5)]}  # fmt: skip
+    unlearned = {"target": [_rec(i, "yes" if i in (0, 3) else "no", -2.0) for i in range(4)],
+                 "untouched": [_rec(9, "no", -3.0)]}  # fmt: skip
+    suite = _restor_suite()
+    m, skipped, _ = score_suite(suite, unlearned, {"clean": clean, "corrupted": corrupted})
+    assert m["target_accuracy"] == 0.5 and m["target_correct"] == 2 and m["target_facts"] == 4
     assert m["target_restoration"] == pytest.approx((0.5 - 0) / (0.75 - 0))
     assert m["target_known_accuracy"] == pytest.approx(1 / 3)
+    assert m["target_known_facts"] == 3 and m["target_known_correct"] == 1
     assert m["target_known_restoration"] == pytest.approx(1 / 3)
     assert m["target_probe_restoration"] == pytest.approx((-2.0 + 5.0) / (-1.0 + 5.0))
+    assert m["target_probe_correct"] == -2.0 and m["target_probe_random"] == -9.0
+    assert "target_probe_corrupted" in skipped  # no fact has corrupted answers
     assert m["untouched_accuracy_change"] == -1.0
-    assert res["counts"]["target_known"]["facts"] == 3
-    assert "target_restoration" not in metrics.score_restor(clean, clean, clean)["metrics"]
-    assert (
-        "nothing to restore"
-        in metrics.score_restor(clean, clean, clean)["skipped"]["target_restoration"]
-    )
+    assert "untouched_restoration" not in m  # corruption did not aim at them
+    same, why, _ = score_suite(suite, clean, {"clean": clean, "corrupted": clean})
+    assert "target_restoration" not in same and "nothing to restore" in why["target_restoration"]
+    # without the baselines: the per-set numbers, and restoration skipped naming the flag
+    alone, why, _ = score_suite(suite, unlearned, {"clean": clean})
+    assert alone["target_accuracy"] == 0.5 and "target_restoration" not in alone
+    assert "--compare corrupted=EVAL_DIR" in why["restoration"]
+    # a judge function replaces the named one (Python API); records are judged when scored
+    import dataclasses
+
+    suite = _restor_suite()
+    suite.sets = [dataclasses.replace(s, judge=lambda g, a: g == "no") for s in suite.sets]
+    assert score_suite(suite, clean)[0]["target_accuracy"] == 0.25
 
 
 # ---------------------------------------------------------------------------- records on a model
 def test_facts_sharing_a_prefix_score_as_if_run_alone(tiny_model_dir, facts_file):
-    from unlearn.config import ModelConfig
+    from unlearn.config import ModelConfig, PromptConfig
+    from unlearn.eval.run import run_records
+    from unlearn.eval.suites.restor import EvalSettings, Groups, restor_suite
     from unlearn.models import load_model_and_tokenizer
-    from unlearn.restor.evaluate import EvalSettings, Groups, fact_records
+    from unlearn.prompts import PromptFormatter
 
     model, tok, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    fmt = PromptFormatter(tok, PromptConfig())
     facts = load_facts(facts_file)
     s = EvalSettings(max_new_tokens=6)
     wrong = {"Ada Stone": {"P27": ["Kenya"]}}
-    together = fact_records(model, tok, facts, Groups(["Ada Stone"], PEOPLE[1:4]), wrong, s)
-    assert len(together) == 12 and {r["group"] for r in together} == {"target", "untouched"}
-    assert "corrupted" in together[1]["probe"] and "corrupted" not in together[4]["probe"]
-    for rec in together[::3]:
-        entity = rec["entity"]
-        groups = Groups([entity], []) if entity == "Ada Stone" else Groups([], [entity])
-        alone = {r["id"]: r for r in fact_records(model, tok, facts, groups, wrong, s)}[rec["id"]]
-        assert alone["generation"] == rec["generation"]
-        for kind, value in rec["probe"].items():
-            assert alone["probe"][kind] == pytest.approx(value, abs=1e-4)
+
+    def records(groups):
+        recs, _ = run_records(model, fmt, restor_suite(facts, groups, wrong, s), progress=False)
+        return recs
+
+    together = records(Groups(["Ada Stone"], PEOPLE[1:4]))
+    assert len(together["target"]) == 3 and len(together["untouched"]) == 9
+    assert "corrupted" in together["target"][1]["probe"]
+    assert "corrupted" not in together["untouched"][0]["probe"]
+    for name, recs in together.items():
+        for rec in recs[::3]:
+            entity = rec["entity"]
+            groups = Groups([entity], []) if name == "target" else Groups([], [entity])
+            alone = {r["id"]: r for r in records(groups)[name]}[rec["id"]]
+            assert alone["generation"] == rec["generation"]
+            for kind, value in rec["probe"].items():
+                assert alone["probe"][kind] == pytest.approx(value, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------- stages and CLI
@@ -256,8 +291,10 @@ def test_corrupt_eval_and_report_from_the_command_line(
     assert "target_accuracy" in out and f"saved: {ev}" in out
     results = json.loads((ev / "results.json").read_text())
     assert results["benchmark"] == "restor" and results["corrupted_answers_source"] == "inferred"
-    assert results["counts"]["target"]["entities"] == 2
-    assert results["counts"]["untouched"]["facts"] == 6
+    assert results["entities"] == {"target": 2, "untouched": 2}
+    assert results["metrics"]["untouched_facts"] == 6 and results["metrics"]["target_facts"] == 6
+    assert results["settings"]["sets"]["target"]["kind"] == "probe"
+    assert results["comparisons"]["clean"] == str(ev / "baselines" / "clean")
     assert "target_probe_corrupted" in results["metrics"]
     # without --corruption, the targets come from the documents the corrupted model was trained on;
     # a baseline given as its evaluation folder is read, not run again
@@ -268,7 +305,6 @@ def test_corrupt_eval_and_report_from_the_command_line(
     )  # fmt: skip
     assert code == 0, err
     again = json.loads((tmp_path / "ev2" / "results.json").read_text())
-    assert again["counts"]["target"] == results["counts"]["target"]
     assert again["metrics"] == results["metrics"]
     assert not (tmp_path / "ev2" / "baselines" / "clean").exists()
     # the corrupted model evaluated as itself: accuracy identical to the corrupted baseline's
@@ -312,7 +348,7 @@ def test_pipeline_end_to_end_and_resume(tiny_model_dir, facts_file, tmp_path):
     assert setup["untouched"] == ["Cy Moss", "Di Fern", "Ed Pike"]
     assert set(res["report"]["models"]) == {"clean", "corrupted", "grad_ascent", "grad_diff"}
     for name in ("clean", "corrupted", "grad_ascent", "grad_diff"):
-        assert (out / "evals" / name / "records" / "facts.jsonl").is_file()
+        assert (out / "evals" / name / "records" / "target.jsonl").is_file()
     retain = json.loads((out / "data" / "retain.json").read_text())
     assert len(retain) == 40 and {r["entity"] for r in retain} <= {"Flo Reed", "Gus Hale"}
     stamp = (out / "models" / "grad_diff" / "model.safetensors").stat().st_mtime_ns
@@ -381,7 +417,7 @@ def test_python_api_eval_with_targets_only(tiny_model_dir, facts_file, tmp_path)
         overrides=["max_new_tokens=3", "judge=exact"],
     )  # fmt: skip
     assert res["judge"] == "exact" and res["corrupted_answers_source"] == "none"
-    assert res["counts"]["target"]["facts"] == 3 and res["counts"]["untouched"]["facts"] == 3
+    assert res["metrics"]["target_facts"] == 3 and res["metrics"]["untouched_facts"] == 3
     # the clean model is its own corrupted model: nothing moved, so nothing to restore
     assert "nothing to restore" in res["skipped"]["target_probe_restoration"]
     assert "target_probe_corrupted" not in res["metrics"]  # no documents: no corrupted answers

@@ -28,8 +28,8 @@ from unlearn.eval.suites.catalog import build_suite
 from unlearn.metrics.registry import RETAIN, SUITE_METRICS
 from unlearn.outputs import atomic_write_json, atomic_write_text
 
-__all__ = ["build_suite", "check_reference", "load_records", "run_evaluation", "run_records"]
-__all__ += ["score_suite"]
+__all__ = ["build_suite", "check_reference", "load_records", "rescore", "run_evaluation"]
+__all__ += ["run_records", "score_suite"]
 
 RESULTS = "results.json"
 RECORDS = "records"
@@ -107,6 +107,11 @@ def run_records(
         if s.kind == "choice":
             out[s.name] = _choice_records(model, fmt, s, batch_size, stats)
             continue
+        if s.kind == "probe":
+            out[s.name] = _probe_records(
+                model, fmt, s, new_tokens if s.generates else 0, batch_size, stats, end, gen_batch
+            )
+            continue
         items: list[ScoreItem] = []
         layout: list[tuple[int, str, int]] = []  # (row, variant, index within variant)
         for i, r in enumerate(s.rows):
@@ -177,6 +182,51 @@ def _choice_records(model, fmt, s: EvalSet, batch_size: int, stats) -> list[dict
     return recs
 
 
+def _probe_records(
+    model, fmt, s: EvalSet, new_tokens: int, batch_size: int, stats, end: bool, gen_batch: dict
+) -> list[dict[str, Any]]:
+    """Per row, the greedy answer and each probe kind's mean per-token log-probability (averaged
+    over that kind's answers), all off one pass of the row's prompt. Rows of one `prompt_group`
+    run as one call: their common start (e.g. shared in-context examples) runs once."""
+    from unlearn.eval.records import ScoreItem, score_and_generate
+
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(s.rows):
+        groups.setdefault(str(r.get("prompt_group", i)), []).append(i)
+    recs: list[dict[str, Any]] = [{} for _ in s.rows]
+    for idx in groups.values():
+        items: list[ScoreItem] = []
+        spans: list[dict[str, slice]] = []
+        for i in idx:
+            span = {}
+            for kind, texts in s.rows[i]["probes"].items():
+                span[kind] = slice(len(items), len(items) + len(texts))
+                items += [ScoreItem(s.rows[i]["question"], t) for t in texts]
+            spans.append(span)
+        questions = [s.rows[i]["question"] for i in idx] if new_tokens > 0 else []
+        scores, gens = score_and_generate(
+            model, fmt, items, questions, new_tokens, batch_size, stats=stats, score_end=end,
+            **gen_batch,
+        )  # fmt: skip
+        for k, (i, span) in enumerate(zip(idx, spans, strict=True)):
+            r = s.rows[i]
+            recs[i] = {
+                "id": r["id"],
+                "sha256": r["sha256"],
+                "entity": r.get("entity"),
+                "answers": list(r["answers"]),
+                "probe": {
+                    kind: sum(sc.logprob_sum / max(sc.n_tokens, 1) for sc in scores[sl])
+                    / (sl.stop - sl.start)
+                    for kind, sl in span.items()
+                },
+                "probe_answers": {kind: sl.stop - sl.start for kind, sl in span.items()},
+            }
+            if questions:
+                recs[i]["generation"] = gens[k]
+    return recs
+
+
 # ---------------------------------------------------------------------------- files
 def load_records(eval_dir: str | Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """A finished evaluation's results.json and its records."""
@@ -195,10 +245,10 @@ def check_reference(
     suite: Suite, ref_dir: str | Path, name: str = "reference"
 ) -> dict[str, list[dict[str, Any]]]:
     """Load a comparison model's evaluation and make sure it scored exactly the same examples of
-    every set a comparison is read on (forget sets and membership-inference sides)."""
+    every set a comparison is read on (forget sets, membership-inference sides, probe sets)."""
     results, records = load_records(ref_dir)
     for s in suite.sets:
-        if s.role != "forget" and s.mia is None:
+        if s.role != "forget" and s.mia is None and s.kind != "probe":
             continue
         theirs = records.get(s.name)
         if theirs is None:
@@ -272,12 +322,16 @@ def _examples(suite: Suite, records: dict[str, list[dict[str, Any]]], n: int) ->
 
 
 def run_evaluation(
-    cfg: EvalConfig, suite: Suite | None = None, progress: bool = True
+    cfg: EvalConfig,
+    suite: Suite | None = None,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `cfg.model` as `cfg` says; write results.json and records to `cfg.output`.
 
-    `suite` overrides the benchmark settings with a prebuilt suite (the demo uses its own sizes).
-    Returns the results (what results.json holds).
+    `suite` overrides the benchmark settings with a prebuilt suite (the demo uses its own sizes,
+    RESTOR its facts); `extra` fields are written into results.json beside the engine's (what the
+    caller needs to know about the run, e.g. RESTOR's role of the model). Returns the results.
     """
     t0 = time.time()
     if not cfg.model.name:
@@ -315,7 +369,7 @@ def run_evaluation(
         formatter,
         suite,
         cfg.generation.max_new_tokens,
-        32,  # teacher-forced rows per batch (also capped at 4096 tokens)
+        cfg.score.batch_size,
         progress,
         cfg.mia_gradnorm,
         cfg.score.end_of_turn,
@@ -367,7 +421,33 @@ def run_evaluation(
     }
     if cfg.examples:
         results["examples"] = _examples(suite, records, cfg.examples)
+    results.update(extra or {})
     _write_outputs(out, records, results)
+    return results
+
+
+def rescore(
+    eval_dir: str | Path,
+    suite: Suite,
+    compare: dict[str, str],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score a finished evaluation's saved records again, against the named comparison
+    evaluations `compare` (NAME -> folder), without running any model; results.json is rewritten
+    (atomically, with `extra` fields updated) and returned. Models that are each other's
+    comparisons (RESTOR's clean and corrupted baselines) are evaluated first, then scored against
+    each other this way."""
+    root = Path(eval_dir)
+    results, records = load_records(root)
+    check_reference(suite, root, "evaluation")
+    comparison_records = {n: check_reference(suite, d, n) for n, d in compare.items()}
+    notes: dict[str, str] = {}
+    metrics, skipped, per_example = score_suite(suite, records, comparison_records, notes=notes)
+    results.update(
+        metrics=metrics, skipped=skipped, per_example=per_example, notes=notes,
+        comparisons=dict(compare), reference=compare.get(RETAIN), **(extra or {}),
+    )  # fmt: skip
+    atomic_write_json(root / RESULTS, results)
     return results
 
 
@@ -377,6 +457,7 @@ def _declaration(s: EvalSet) -> dict[str, Any]:
         "role": s.role, "kind": s.kind, "prompt": s.prompt, "max_new_tokens": s.max_new_tokens,
         "stop": list(s.stop), "truth": s.truth, "mia": s.mia,
         "rouge_stem": s.rouge_stem, "shots_sha256": content_hash(s.shots) if s.shots else None,
+        **({"judge": getattr(s.judge, "__name__", s.judge)} if s.kind == "probe" else {}),
     }  # fmt: skip
 
 

@@ -33,7 +33,7 @@ def set_data(s: EvalSet, recs: list[dict[str, Any]]) -> SetData:
     texts = [_truth_text(s, r, rec) for r, rec in zip(s.rows, recs, strict=True)]
     return SetData(
         s.name, s.role, s.kind, recs, texts, s.has_paraphrase, s.has_truth_ratio,
-        truth=s.truth, only=s.metrics, mia=s.mia, stem=s.rouge_stem,
+        truth=s.truth, only=s.metrics, mia=s.mia, stem=s.rouge_stem, judge=s.judge,
     )  # fmt: skip
 
 
@@ -44,6 +44,8 @@ def _truth_text(s: EvalSet, row: dict[str, Any], rec: dict[str, Any]) -> str:
         return row["text"]
     if s.kind == "choice":
         return row["labels"][row["target"]]
+    if s.kind == "probe":
+        return row["answers"][0]
     kept = rec.get("truth_chars")
     return row["answer"] if kept is None else row["answer"][:kept]
 
@@ -94,12 +96,13 @@ def _missing_input(m: SuiteMetric, data: SuiteData) -> str | None:
     if m.needs_perturbed and not all(data.get(sel).has_perturbed for sel in m.sets):
         names = " and ".join(data.get(sel).name for sel in m.sets)
         return f"the {names} data has no perturbed_answer column (no truth ratio)"
-    if m.compare is not None and m.compare not in data.comparisons:
-        return no_comparison(m.compare)
-    absent = [k for k in m.needs_metrics if k not in data.metrics]
+    absent = [c for c in m.compare if c not in data.comparisons]
     if absent:
+        return "; ".join(no_comparison(c) for c in absent)
+    missing = [k for k in m.needs_metrics if k not in data.metrics]
+    if missing:
         hint = f" ({m.metrics_hint})" if m.metrics_hint else ""
-        return f"needs {', '.join(absent)}{hint}"
+        return f"needs {', '.join(missing)}{hint}"
     return None
 
 

@@ -21,6 +21,8 @@ from unlearn.errors import UnlearnError
 MIN_K_DEFAULT = 0.4
 Record = Mapping[str, Any]
 ALL_ROLES = ("forget", "retain", "utility", "holdout")
+#: What a row is (`unlearn.eval.suites.builders.KINDS` documents each).
+SET_KINDS = ("qa", "text", "choice", "probe")
 GENERATED_ROLES = ("forget", "retain", "utility")  # holdout sets feed MIA only: no generation
 #: The comparison TOFU's and MUSE's metrics need: a model trained without the forget data.
 RETAIN = "retain"
@@ -42,7 +44,7 @@ class SetData:
 
     name: str
     role: str  # forget | retain | utility | holdout
-    kind: str  # qa | text | choice
+    kind: str  # qa | text | choice | probe
     records: Sequence[Record]
     texts: Sequence[str]  # `data.text`: each example's answer (qa) or document (text)
     has_paraphrase: bool = False
@@ -51,6 +53,7 @@ class SetData:
     only: tuple[str, ...] | None = None  # the set's declared per-set metrics (None: all)
     mia: str | None = None  # member | nonmember
     stem: bool = True  # ROUGE stems words
+    judge: Any = "contains"  # how a generation is judged correct (probe sets): a name or function
 
     @property
     def truth_key(self) -> str:
@@ -77,9 +80,11 @@ class SuiteData:
 
     def find(self, selector: str) -> SetData | None:
         """The set a suite metric reads: "member" / "nonmember" (membership inference's sides),
-        else the first set of that role."""
+        a set kind ("probe", ...: the first set of that kind), else the first set of that role."""
         if selector in ("member", "nonmember"):
             return next((d for d in self.sets.values() if d.mia == selector), None)
+        if selector in SET_KINDS:
+            return next((d for d in self.sets.values() if d.kind == selector), None)
         return next((d for d in self.sets.values() if d.role == selector), None)
 
     def get(self, selector: str) -> SetData:
@@ -135,9 +140,9 @@ class SuiteMetric:
     compute: Callable[[SuiteData], tuple[dict[str, float], dict[str, str]]]
     keys: tuple[str, ...]
     reads: frozenset[str]
-    sets: tuple[str, ...] = ()  # selectors (`SuiteData.find`): a role, "member" or "nonmember"
+    sets: tuple[str, ...] = ()  # selectors (`SuiteData.find`): a role, a kind, member, nonmember
     sets_hint: str = ""
-    compare: str | None = None  # the named comparison it needs (e.g. "retain")
+    compare: tuple[str, ...] = ()  # the named comparisons it needs (e.g. ("retain",))
     needs_perturbed: bool = False  # on every set in `sets`
     needs_metrics: tuple[str, ...] = ()
     metrics_hint: str = ""

@@ -49,5 +49,5 @@ def _forget_quality(data: SuiteData) -> Computed:
 
 FORGET_QUALITY = SuiteMetric(
     "forget_quality", _forget_quality, ("forget_quality",), TRUE | PERTURBED, sets=("forget",),
-    needs_perturbed=True, compare=RETAIN,
+    needs_perturbed=True, compare=(RETAIN,),
 )  # fmt: skip

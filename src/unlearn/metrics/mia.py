@@ -223,5 +223,5 @@ MIA_GRADNORM = SuiteMetric(
 )  # fmt: skip
 MIA_REFERENCE = SuiteMetric(
     "mia_reference", _mia_reference, ("mia_reference_auc",), frozenset({"answer.token_logprobs"}),
-    sets=MIA_SETS, sets_hint=MIA_HINT, compare=RETAIN, sets_key="mia",
+    sets=MIA_SETS, sets_hint=MIA_HINT, compare=(RETAIN,), sets_key="mia",
 )  # fmt: skip

@@ -46,6 +46,7 @@ from unlearn.metrics.mia import MIA, MIA_GRADNORM, MIA_REFERENCE
 from unlearn.metrics.model_utility import MODEL_UTILITY
 from unlearn.metrics.privacy import PRIVLEAK
 from unlearn.metrics.probability import MEAN_NLL, PROBABILITY, RAW_PROBABILITY
+from unlearn.metrics.restor import PROBE, RESTOR_ACCURACY, RESTOR_COUNTS, RESTORATION
 from unlearn.metrics.rouge import ROUGE
 from unlearn.metrics.truth_ratio import TRUTH_RATIO
 
@@ -61,6 +62,9 @@ SET_METRICS: tuple[SetMetric, ...] = (
     KEYWORD_ACCURACY,
     KEYWORD_CONFIDENCE,
     ACCURACY,
+    RESTOR_ACCURACY,
+    RESTOR_COUNTS,
+    PROBE,
 )
 #: Suite metrics, in order: a later one may read an earlier one's keys (privleak reads MIA's).
 SUITE_METRICS: tuple[SuiteMetric, ...] = (
@@ -71,6 +75,7 @@ SUITE_METRICS: tuple[SuiteMetric, ...] = (
     MIA_REFERENCE,
     PRIVLEAK,
     OVERALL_ACCURACY,
+    RESTORATION,
 )
 
 #: Our key -> OpenUnlearning's (TOFU configs, d3d7cf9); keys without a counterpart are absent.
@@ -119,7 +124,8 @@ def emitted_keys() -> list[tuple[str, str, str]]:
     for sm in SUITE_METRICS:
         needs = [f"sets {', '.join(sm.sets)}"] if sm.sets else []
         needs += ["perturbed answers"] if sm.needs_perturbed else []
-        needs += [f"the {sm.compare} comparison"] if sm.compare else []
+        plural = "s" if len(sm.compare) > 1 else ""
+        needs += [f"the {' and '.join(sm.compare)} comparison{plural}"] if sm.compare else []
         needs += [f"metrics {', '.join(sm.needs_metrics)}"] if sm.needs_metrics else []
         reads = ", ".join(f"`{r}`" for r in sorted(sm.reads)) or "other metrics only"
         for key in sm.keys:
@@ -134,9 +140,9 @@ def markdown() -> str:
         "",
         "`{set}` is a set's name in its suite (TOFU: forget, retain, real_authors, world_facts, "
         "holdout; MUSE: verbmem_forget, knowmem_forget, knowmem_retain, privleak_forget, "
-        "privleak_holdout; WMDP: wmdp_bio, ...; MMLU: mmlu_{subject}); a set computes the "
-        "metrics its declaration allows. Suite-metric sets: a role, or membership inference's "
-        "member / nonmember side.",
+        "privleak_holdout; WMDP: wmdp_bio, ...; MMLU: mmlu_{subject}; RESTOR: target, "
+        "untouched); a set computes the metrics its declaration allows. Suite-metric sets: a "
+        "role, a set kind, or membership inference's member / nonmember side.",
         "",
         "| key | computed for / needs | aggregation and record fields read |",
         "|---|---|---|",

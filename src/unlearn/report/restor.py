@@ -1,12 +1,12 @@
 """The RESTOR part of a report: one table (clean, corrupted, each unlearned model) and the probe plot.
 
-Reads only what `unlearn restor` / `restor eval` wrote into results.json (metrics, skipped, counts);
-the records' generations never reach a report.
+Reads only what `unlearn restor` / `restor eval` wrote into results.json (metrics, with the fact
+counts behind each accuracy); the records' generations never reach a report.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from unlearn.report.runs import Block, Run
@@ -21,18 +21,16 @@ def restor_runs(runs: list[Run]) -> list[Run]:
     return sorted(mine, key=lambda r: ROLE_ORDER.get(str(r.results.get("role")), 2))
 
 
-def _count(run: Run, subset: str) -> dict[str, Any]:
-    counts = run.results.get("counts")
-    value = counts.get(subset) if isinstance(counts, dict) else None
-    return value if isinstance(value, dict) else {}
+def _count(run: Run, key: str) -> str:
+    value = run.metrics.get(key)
+    return "?" if value is None else str(int(value))
 
 
 def _acc(run: Run, subset: str) -> str:
     value = run.metrics.get(f"{subset}_accuracy")
-    c = _count(run, subset)
     if value is None:
         return "n/a"
-    return f"{value:.3f} ({c.get('correct', '?')}/{c.get('facts', '?')})"
+    return f"{value:.3f} ({_count(run, f'{subset}_correct')}/{_count(run, f'{subset}_facts')})"
 
 
 def _num(run: Run, key: str, digits: int = 3) -> str:
@@ -101,13 +99,14 @@ def blocks(runs: list[Run], plot: tuple[bytes | None, str]) -> list[Block]:
     if not runs:
         return []
     first = runs[0]
-    t, tk = _count(first, "target"), _count(first, "target_known")
-    u, uk = _count(first, "untouched"), _count(first, "untouched_known")
+    entities = first.results.get("entities")
+    entities = entities if isinstance(entities, dict) else {}
     intro = (
-        f"Facts about {t.get('entities', '?')} target entities ({t.get('facts', '?')} facts, "
-        f"{tk.get('facts', '?')} answered correctly by the clean model: the 'known' subset) and "
-        f"{u.get('entities', '?')} untouched entities ({u.get('facts', '?')} facts, "
-        f"{uk.get('facts', '?')} known). Accuracy is greedy 5-shot answering judged by "
+        f"Facts about {entities.get('target', '?')} target entities "
+        f"({_count(first, 'target_facts')} facts, {_count(first, 'target_known_facts')} answered "
+        f"correctly by the clean model: the 'known' subset) and {entities.get('untouched', '?')} "
+        f"untouched entities ({_count(first, 'untouched_facts')} facts, "
+        f"{_count(first, 'untouched_known_facts')} known). Accuracy is greedy 5-shot answering judged by "
         f"`{first.results.get('judge', 'contains')}`, with correct/total. Restoration = "
         "(unlearned - corrupted) / (clean - corrupted): 1 is the clean model's value back, 0 is "
         "no change from the corrupted model. Probe values are mean per-token log-probabilities "

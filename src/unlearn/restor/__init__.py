@@ -5,8 +5,10 @@ method, and measure whether what the model knew before comes back. Modules, one 
 
 - `facts`: RESTOR's facts file and its few-shot prompts.
 - `documents`: corruption documents: reading them, finding their targets, generating them.
-- `evaluate`: one model pass over the facts -> fact records (generations, logit probe).
-- `metrics`: accuracy, probe means and restoration as pure functions of records.
 - `run`: the stages (select targets, evaluate against clean/corrupted baselines).
+
+The evaluation is a suite of the evaluation engine (`unlearn.eval.suites.restor`: facts as probe
+rows) and its numbers are registry metrics (`unlearn.metrics.restor`: judged accuracy, probe
+means, restoration).
 - `pipeline`: `unlearn restor`, all stages as one resumable run.
 """

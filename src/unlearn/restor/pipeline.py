@@ -10,7 +10,7 @@ checkpoint; one made with other settings is redone). Folder of a run:
   data/retain.json           true-fact documents about non-evaluated entities
   models/corrupted, models/<method>   fine-tuned / unlearned models (`unlearn forget` outputs)
   evals/select               the clean model's answers on the candidates (when targets are chosen)
-  evals/clean, evals/corrupted, evals/<method>   RESTOR evaluations (`restor.evaluate`)
+  evals/clean, evals/corrupted, evals/<method>   RESTOR evaluations (`unlearn.eval.suites.restor`)
   report/                    `unlearn report` over evals/ (RESTOR table and probe plot)
 
 Default sizes fit a 2-core CPU in about half an hour with SmolLM2-135M (docs/results/restor.md has
@@ -28,6 +28,7 @@ from typing import Any
 
 from unlearn.config import build_section, resolve_tree
 from unlearn.errors import UnlearnError
+from unlearn.eval.suites.restor import EvalSettings
 from unlearn.outputs import atomic_write_json
 from unlearn.restor.documents import (
     find_targets,
@@ -35,7 +36,6 @@ from unlearn.restor.documents import (
     generate_retain,
     load_documents,
 )
-from unlearn.restor.evaluate import EvalSettings
 from unlearn.restor.facts import load_facts, sample_entities
 from unlearn.restor.run import (
     METHOD_ALIASES,

@@ -1,35 +1,37 @@
 """The RESTOR stages that need a model but do not train: choosing targets and evaluating.
 
 `select_targets` picks targets among entities the clean model knows; `evaluate_baselines` and
-`evaluate` run models over the facts (reusing saved records of the same model files, facts and
-settings) and score them against the clean and corrupted models; `eval_command` is
-`unlearn restor eval`. Training stages and the whole run are in `restor.pipeline`.
+`evaluate` run models over the facts with the evaluation engine (the RESTOR suite,
+`unlearn.eval.suites.restor`), reusing saved records of the same model files, facts and settings,
+and score them against the clean and corrupted models (the named comparisons "clean" and
+"corrupted"); `eval_command` is `unlearn restor eval`. Training stages and the whole run are in
+`restor.pipeline`.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import time
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from unlearn.errors import UnlearnError
+from unlearn.eval.run import (
+    RECORDS,
+    RESULTS,
+    check_reference,
+    load_records,
+    rescore,
+    run_evaluation,
+)
+from unlearn.eval.suites.builders import Suite
+from unlearn.eval.suites.restor import EvalSettings, Groups, records_key, restor_suite
+from unlearn.metrics.restor import Judge, judge_of, judged
 from unlearn.outputs import atomic_write_json
 from unlearn.restor.documents import find_targets, infer_corrupted, load_documents
-from unlearn.restor.evaluate import (
-    RESULTS,
-    EvalSettings,
-    Groups,
-    fact_records,
-    read_records,
-    records_key,
-    reusable,
-    write_evaluation,
-)
 from unlearn.restor.facts import Facts, load_facts, sample_entities
-from unlearn.restor.metrics import Judge, judged
 
 SETUP = "setup.json"
 # Names the RESTOR paper and OpenUnlearning use for our methods.
@@ -95,66 +97,101 @@ def _model_sha(spec: str) -> str | None:
     return None
 
 
-def model_records(
+def read_evaluation(folder: str | Path) -> dict[str, Any]:
+    """results.json of a finished RESTOR evaluation folder (records present)."""
+    try:
+        results, records = load_records(folder)
+    except (UnlearnError, OSError, json.JSONDecodeError) as exc:
+        raise UnlearnError(
+            f"{folder} is not a complete RESTOR evaluation ({exc}); rerun `unlearn restor eval`"
+        ) from None
+    if results.get("benchmark") != "restor" or not records:
+        what = results.get("benchmark") or "unfinished"
+        raise UnlearnError(f"{folder} holds a {what} evaluation, not RESTOR")
+    return results
+
+
+def _reusable(folder: Path, suite: Suite, key: dict[str, Any], model_sha: str | None) -> bool:
+    """A finished evaluation of the same model files with the same facts and settings, whose
+    records are this suite's."""
+    try:
+        results = read_evaluation(folder)
+        check_reference(suite, folder, "evaluation")
+    except UnlearnError:
+        return False
+    return results.get("records_key") == key and results.get("model_sha256") == model_sha
+
+
+def _evaluate_model(
     spec: str,
     folder: Path,
-    facts: Facts,
-    setup: Setup,
+    suite: Suite,
     s: EvalSettings,
-    progress: bool = True,
-) -> tuple[list[dict[str, Any]], float]:
-    """The model's fact records: read from `folder` when it already holds them for the same model
-    files, facts and settings; else the model runs once. Returns (records, seconds spent)."""
-    key = records_key(facts, setup.groups, setup.corrupted, s)
-    sha = _model_sha(spec)
-    if reusable(folder, key, sha):
-        results, records = read_records(folder)
-        return records, float(results.get("seconds") or 0.0)
-    from unlearn.config import ModelConfig
-    from unlearn.models import load_model_and_tokenizer
+    key: dict[str, Any],
+    extra: dict[str, Any],
+    compare: dict[str, str],
+    progress: bool,
+) -> dict[str, Any]:
+    """Evaluate model `spec` on the suite into `folder` (scored against `compare`); an evaluation
+    already there of the same model files, facts and settings is re-scored, not rerun."""
+    from unlearn.config import EvalConfig, ModelConfig, ScoreConfig
 
-    t = time.perf_counter()
-    model, tok, _ = load_model_and_tokenizer(ModelConfig(name=spec))
-    records = fact_records(model, tok, facts, setup.groups, setup.corrupted, s, progress)
-    del model
-    return records, time.perf_counter() - t
+    sha = _model_sha(spec)
+    extra = {**extra, "records_key": key, "model_sha256": sha}
+    if _reusable(folder, suite, key, sha):
+        return rescore(folder, suite, compare, extra)
+    cfg = EvalConfig(
+        model=ModelConfig(name=spec), score=ScoreConfig(end_of_turn=False, batch_size=s.batch_size),
+        benchmark="restor", compare=[f"{n}={d}" for n, d in compare.items()],
+        name=extra.get("name"), output=str(folder), overwrite=True,
+    )  # fmt: skip
+    return run_evaluation(cfg, suite, progress, extra)
 
 
 def _baselines(
     sources: dict[str, str | Path],
     folders: dict[str, Path],
-    facts: Facts,
-    setup: Setup,
+    suite: Suite,
     s: EvalSettings,
+    key: dict[str, Any],
+    extra: dict[str, Any],
     progress: bool,
-) -> dict[str, list[dict[str, Any]]]:
-    """Records of the clean and corrupted models. A source holding a RESTOR evaluation is read
-    (it must match these facts and settings); a model runs once into its folder in `folders`,
-    whose evaluation is written scored against the other baseline."""
-    key = records_key(facts, setup.groups, setup.corrupted, s)
-    recs: dict[str, list[dict[str, Any]]] = {}
-    ran: dict[str, float] = {}
+) -> dict[str, str]:
+    """The clean and corrupted models' evaluation folders, by name. A source holding a RESTOR
+    evaluation is used as it is (it must match these facts and settings); a model is evaluated
+    into its folder in `folders` and then scored against both baselines."""
+    evals: dict[str, str] = {}
+    ran: list[str] = []
     for which, src in sources.items():
         if (Path(src) / RESULTS).is_file():
-            results, recs[which] = read_records(Path(src))
-            if results.get("records_key") != key:
+            if read_evaluation(src).get("records_key") != key:
                 raise UnlearnError(
                     f"the {which} evaluation {src} used other facts, entities or settings than "
                     "this one; evaluate the models with the same ones"
                 )
-        else:
-            twin = [w for w in ran if str(sources[w]) == str(src)]  # the same model given twice
-            recs[which], ran[which] = (
-                (recs[twin[0]], ran[twin[0]]) if twin
-                else model_records(str(src), folders[which], facts, setup, s, progress)
-            )  # fmt: skip
-    for which, secs in ran.items():
-        spec = str(sources[which])
-        write_evaluation(
-            folders[which], which, spec, _model_sha(spec), which, key, recs[which], recs["clean"],
-            recs["corrupted"], s, seconds=secs, corrupted_source=setup.corrupted_source,
-        )  # fmt: skip
-    return recs
+            evals[which] = str(src)
+            continue
+        twin = [w for w in ran if str(sources[w]) == str(src)]  # the same model given twice
+        if twin:
+            evals[which] = evals[twin[0]]
+            continue
+        mine = {**extra, "name": which, "role": which}
+        _evaluate_model(str(src), folders[which], suite, s, key, mine, {}, progress)
+        evals[which] = str(folders[which])
+        ran.append(which)
+    for which in ran:
+        rescore(folders[which], suite, evals)
+    return evals
+
+
+def _common(setup: Setup, s: EvalSettings, judge: Judge | None) -> dict[str, Any]:
+    """What every RESTOR evaluation records beside the engine's fields."""
+    return {
+        "judge": s.judge if judge is None else getattr(judge, "__name__", "custom"),
+        "corrupted_answers_source": setup.corrupted_source,
+        "entities": {"target": len(setup.target), "untouched": len(setup.untouched)},
+        "restor_settings": asdict(s),
+    }
 
 
 def evaluate_baselines(
@@ -168,8 +205,11 @@ def evaluate_baselines(
     progress: bool = True,
 ) -> None:
     """Evaluate the clean and the corrupted model, each scored against the other."""
+    suite = restor_suite(facts, setup.groups, setup.corrupted, s)
+    key = records_key(facts, setup.groups, setup.corrupted, s)
     _baselines({"clean": clean, "corrupted": corrupted},
-               {"clean": clean_dir, "corrupted": corrupted_dir}, facts, setup, s, progress)  # fmt: skip
+               {"clean": clean_dir, "corrupted": corrupted_dir}, suite, s, key,
+               _common(setup, s, None), progress)  # fmt: skip
 
 
 def evaluate(
@@ -189,25 +229,28 @@ def evaluate(
 
     `clean` and `corrupted` are RESTOR evaluation folders of the same facts and settings, or models,
     which are then evaluated into `output`/baselines/{clean,corrupted} (reused on a second call;
-    a baseline that is `spec` itself is not run twice).
+    a baseline that is `spec` itself is not run twice). `judge` replaces the named judge with a
+    function (generation, answers) -> bool. Returns the results (what results.json holds).
     """
     s = s or EvalSettings()
     s.check()
     out = Path(output)
     facts.check_entities(setup.groups.all, "evaluation")
+    suite = restor_suite(facts, setup.groups, setup.corrupted, s, judge)
+    key = records_key(facts, setup.groups, setup.corrupted, s)
+    common = _common(setup, s, judge)
     sources = {"clean": clean, "corrupted": corrupted}
     folders = {w: out / "baselines" / w for w in sources}
-    base = _baselines(sources, folders, facts, setup, s, progress)
+    compare = _baselines(sources, folders, suite, s, key, common, progress)
+    mine = {**common, "name": name or Path(spec).name, "role": role}
     same = [w for w, src in sources.items() if str(src) == spec]
-    if same:
-        records, secs = base[same[0]], 0.0
-    else:
-        records, secs = model_records(spec, out, facts, setup, s, progress)
-    key = records_key(facts, setup.groups, setup.corrupted, s)
-    return write_evaluation(
-        out, name or Path(spec).name, spec, _model_sha(spec), role, key, records,
-        base["clean"], base["corrupted"], s, judge, secs, setup.corrupted_source,
-    )  # fmt: skip
+    if same:  # the model is one of the baselines: its records are copied, not run again
+        base = Path(compare[same[0]])
+        if base.resolve() != out.resolve():
+            shutil.copytree(base / RECORDS, out / RECORDS, dirs_exist_ok=True)
+            shutil.copyfile(base / RESULTS, out / RESULTS)
+        return rescore(out, suite, compare, {**mine, "seconds": 0.0, "output": str(out)})
+    return _evaluate_model(spec, out, suite, s, key, mine, compare, progress)
 
 
 # ---------------------------------------------------------------------------- stages
@@ -231,14 +274,15 @@ def select_targets(
     everyone = list(dict.fromkeys([*pool, *candidates]))
     setup = Setup(everyone, [], {}, "none", facts.sha256)
     s = replace(s, max_answers=1, random_answers=0)  # only the answers matter here
-    records, secs = model_records(spec, folder, facts, setup, s, progress)
+    suite = restor_suite(facts, setup.groups, {}, s)
     key = records_key(facts, setup.groups, {}, s)
-    write_evaluation(folder, "select", spec, _model_sha(spec), "select", key, records, records,
-                     records, s, seconds=secs, corrupted_source="none")  # fmt: skip
-    ok = judged(records, _judge(s))
+    extra = {**_common(setup, s, None), "name": "select", "role": "select"}
+    _evaluate_model(spec, folder, suite, s, key, extra, {}, progress)
+    records = load_records(folder)[1]["target"]
+    ok = judged(records, judge_of(s.judge))
     known = dict.fromkeys(everyone, 0)
-    for r in records:
-        known[r["entity"]] += ok[r["id"]]
+    for r, right in zip(records, ok, strict=True):
+        known[r["entity"]] += int(right)
     ranked = sorted(pool, key=lambda e: (-known[e], e))
     targets = [e for e in ranked[:n_targets] if known[e] > 0]
     if not targets:
@@ -255,12 +299,6 @@ def select_targets(
         "known_facts": {e: known[e] for e in targets + untouched},
     }
     return targets, untouched, info
-
-
-def _judge(s: EvalSettings) -> Judge:
-    from unlearn.restor.metrics import JUDGES
-
-    return JUDGES[s.judge]
 
 
 def corruption_setup(
@@ -331,7 +369,6 @@ def eval_command(
     else --corruption (read off the documents, wrong answers inferred), else --targets, else the
     corrupted model itself (its run's setup.json, or the documents its manifest names)."""
     from unlearn.config import build_section, resolve_tree
-    from unlearn.restor.evaluate import EvalSettings
 
     for value, flag in ((model, "--model"), (clean, "--clean"), (corrupted, "--corrupted")):
         if not value:

@@ -16,6 +16,7 @@ from typing import Any
 from unlearn.config import DataConfig
 from unlearn.data import content_hash, read_rows
 from unlearn.errors import UnlearnError
+from unlearn.metrics.declare import SET_KINDS
 
 TOFU_HUB = "locuslab/TOFU"
 TOFU_SPLITS = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}
@@ -27,8 +28,11 @@ UTILITY_SETS = ("retain", "real_authors", "world_facts")
 #: ability; holdout: never trained on (membership inference's non-members).
 ROLES = ("forget", "retain", "utility", "holdout")
 #: What a row is. qa: question + answer (paraphrased / perturbed answers optional); text: a
-#: document; choice: a question with answer options, scored by each option's log-likelihood.
-KINDS = ("qa", "text", "choice")
+#: document; choice: a question with answer options, scored by each option's log-likelihood;
+#: probe: a prompt whose generation is judged against acceptable `answers`, with `probes` (answer
+#: texts by kind, e.g. RESTOR's correct / corrupted / random) scored as continuations. Rows of a
+#: probe set with the same `prompt_group` run as one call, so their common prompt start runs once.
+KINDS = SET_KINDS
 
 
 @dataclass
@@ -53,6 +57,8 @@ class EvalSet:
     moments: record each answer token's top-1 flag and vocabulary moments (exact memorization,
         extraction strength, Min-K%++); False keeps its log-probabilities only (a [T, V] pass
         less per document: MUSE needs Min-K% alone).
+    judge: how a probe set's generation is judged correct against its acceptable answers (a name
+        of `unlearn.metrics.restor.JUDGES`, or a function (generation, answers) -> bool).
     """
 
     name: str
@@ -73,6 +79,7 @@ class EvalSet:
     truth_tokens: int | None = None
     max_length: int | None = None
     moments: bool = True
+    judge: Any = "contains"
 
     def __post_init__(self) -> None:
         from unlearn.prompts import PROMPT_STYLES
@@ -109,7 +116,7 @@ class EvalSet:
 
     @property
     def generates(self) -> bool:
-        return self.kind == "qa" and self.max_new_tokens != 0
+        return self.kind in ("qa", "probe") and self.max_new_tokens != 0
 
 
 @dataclass
