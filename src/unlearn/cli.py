@@ -36,6 +36,9 @@ OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output fo
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing output folder.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint.")]
 DryRunOpt = Annotated[bool, typer.Option(help="Validate and print the plan; load no model.")]
+MergeOpt = Annotated[
+    bool, typer.Option(help="With model.adapter=lora: also save the merged model (output folder).")
+]
 
 
 def _print_plan(plan) -> None:
@@ -76,6 +79,7 @@ def forget(
     output: OutputOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    merge: MergeOpt = False,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Unlearn a forget set from a model."""
@@ -91,6 +95,7 @@ def forget(
         overrides=overrides or [],
         overwrite=overwrite,
         resume=resume,
+        merge=merge,
         dry_run=dry_run,
     )
     if dry_run:
@@ -108,6 +113,7 @@ def finetune(
     output: OutputOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    merge: MergeOpt = False,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Fine-tune a model on question/answer data or documents (to build target/retain models)."""
@@ -121,6 +127,7 @@ def finetune(
         overrides=overrides or [],
         overwrite=overwrite,
         resume=resume,
+        merge=merge,
         dry_run=dry_run,
     )
     if dry_run:

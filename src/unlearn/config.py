@@ -28,6 +28,9 @@ class ModelConfig:
         on a CUDA GPU; a bfloat16 checkpoint on a GPU without bfloat16 runs in float32 (float16
         would overflow its range). `--dry-run` prints the resolved dtype and device.
     device: "auto" is this process's GPU (cuda:LOCAL_RANK under `accelerate launch`), else CPU.
+    adapter: "lora" trains LoRA adapters (the `lora` section) instead of the weights.
+    base: the base model of an adapter folder given as `name` (default: the one its run's
+        manifest names; it must hash the same).
     """
 
     name: str = ""
@@ -36,6 +39,22 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     trust_remote_code: bool = False
     cache_dir: str | None = None
+    adapter: Literal["none", "lora"] = "none"
+    base: str | None = None
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (`model.adapter=lora`, through peft). Defaults: TOFU's LoRA unlearning config
+    (locuslab/tofu config/forget_lora.yaml: r 8, alpha 32, dropout 0.05) on every linear layer
+    but the output head, as TOFU's `find_all_linear_names` chooses them.
+
+    target_modules: "all-linear", or module names (short, e.g. [q_proj, v_proj], or full)."""
+
+    r: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
 
 
 @dataclass
@@ -233,9 +252,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     output: str = ""
     overwrite: bool = False
     resume: bool = False
+    merge: bool = False  # with adapters: also write the merged model into the output folder
 
 
 _SECTIONS: dict[str, type] = {
@@ -245,8 +266,9 @@ _SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "prompt": PromptConfig,
     "localize": LocalizeConfig,
+    "lora": LoraSettings,
 }
-_SCALARS = {"output", "overwrite", "resume"}
+_SCALARS = {"output", "overwrite", "resume", "merge"}
 
 
 def _valid_keys(cls: type) -> list[str]:
@@ -429,6 +451,26 @@ def validate_train(train: TrainConfig) -> None:
         )
     if train.max_grad_norm < 0:
         raise UnlearnError("train.max_grad_norm must be >= 0 (0 disables clipping)")
+
+
+def validate_adapter(cfg: RunConfig) -> None:
+    """Adapter settings that cannot work, refused before the model loads."""
+    lora = cfg.lora
+    if cfg.model.adapter == "none":
+        if cfg.merge:
+            raise UnlearnError("--merge merges trained adapters; it needs model.adapter=lora")
+        return
+    if lora.r < 1:
+        raise UnlearnError(f"lora.r must be at least 1, got {lora.r}")
+    if lora.alpha <= 0:
+        raise UnlearnError(f"lora.alpha must be positive, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise UnlearnError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    if cfg.localize.active:
+        raise UnlearnError(
+            "localization (localize.method / localize.mask) selects entries of the base weights, "
+            "which LoRA adapters do not train; use model.adapter=none with localization"
+        )
 
 
 def to_dict(cfg: Any) -> Any:

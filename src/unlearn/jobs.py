@@ -48,7 +48,7 @@ def resolve_config(
         if current.get("name") not in (None, method):
             current = {}  # a different method: the file's hyperparameters were for another one
         tree["method"] = {**current, "name": method}
-    for key in ("overwrite", "resume"):
+    for key in ("overwrite", "resume", "merge"):
         if fields.get(key) is not None:
             fields[key] = bool(fields[key])
     if fields.get("output") is not None:
@@ -71,6 +71,7 @@ def forget(
     overrides: list[str] | tuple[str, ...] = (),
     overwrite: bool | None = None,
     resume: bool | None = None,
+    merge: bool | None = None,
     callbacks: list[StepCallback] | None = None,
     dry_run: bool = False,
 ) -> RunResult | Plan:
@@ -91,6 +92,7 @@ def forget(
         output=output,
         overwrite=overwrite or None,
         resume=resume or None,
+        merge=merge or None,
     )
     plan = plan_run(cfg, "forget")
     return plan if dry_run else execute(plan, callbacks=callbacks)
@@ -105,6 +107,7 @@ def finetune(
     overrides: list[str] | tuple[str, ...] = (),
     overwrite: bool | None = None,
     resume: bool | None = None,
+    merge: bool | None = None,
     callbacks: list[StepCallback] | None = None,
     dry_run: bool = False,
 ) -> RunResult | Plan:
@@ -121,6 +124,7 @@ def finetune(
         output=output,
         overwrite=overwrite or None,
         resume=resume or None,
+        merge=merge or None,
     )
     plan = plan_run(cfg, "finetune")
     return plan if dry_run else execute(plan, callbacks=callbacks)

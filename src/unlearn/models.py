@@ -38,6 +38,7 @@ class ResolvedModel:
     spec: str
     kind: str  # "alias" | "gguf" | "local" | "hub"
     path: str  # a local folder, or the hub id
+    adapter: bool = False  # a local folder holding a LoRA adapter (its base loads with it)
 
 
 def cache_root(cfg: ModelConfig | None = None) -> Path:
@@ -115,6 +116,10 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
             raise UnlearnError(f"GGUF file not found: {p}")
         return ResolvedModel(spec, "gguf", str(p))
     if p.is_dir():
+        from unlearn.adapters import is_adapter_folder
+
+        if is_adapter_folder(p):
+            return ResolvedModel(spec, "local", str(p), adapter=True)
         if not (p / "config.json").is_file():
             raise UnlearnError(f"{p} is a folder but has no config.json; is it a HF model folder?")
         return ResolvedModel(spec, "local", str(p))
@@ -242,6 +247,8 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_model(cfg)
+    if resolved.adapter:
+        return _load_adapter(cfg, resolved, device)
     source = local_folder(resolved, cfg)
     device = device or pick_device(cfg)
     stored = (
@@ -275,6 +282,43 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
     return model, tokenizer, resolved
+
+
+def _load_adapter(cfg: ModelConfig, resolved: ResolvedModel, device: torch.device | None):
+    """An adapter folder: its base model (checked against the hash the run recorded) with the
+    adapter merged in, and the tokenizer saved with the adapter."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from unlearn import adapters
+
+    folder = Path(resolved.path)
+    spec, recorded = adapters.base_of(folder, cfg.base)
+    base_cfg = dataclasses.replace(cfg, name=spec, base=None, adapter="none")
+    try:
+        base = resolve_model(base_cfg)
+    except UnlearnError as exc:
+        raise UnlearnError(
+            f"the base model of adapter folder {folder} ({exc}); pass model.base=MODEL"
+        ) from None
+    if base.adapter:
+        raise UnlearnError(f"the base of adapter folder {folder} is itself an adapter folder")
+    adapters.check_base(folder, spec, recorded, _source_sha(base, base_cfg))
+    model, _, _ = load_model_and_tokenizer(base_cfg, device)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return adapters.merge_into(model, folder), tokenizer, resolved
+
+
+def _source_sha(resolved: ResolvedModel, cfg: ModelConfig) -> str | None:
+    """The sha256 a run's manifest records for this model (`train.manifest.base_model_record`)."""
+    if resolved.kind in ("alias", "gguf"):
+        return file_sha256(resolved.path, cache_root(cfg))
+    if resolved.kind == "local":
+        return hash_model_files(resolved.path, cache_root(cfg))
+    return None
 
 
 def _hashed_files(root: Path) -> list[Path]:

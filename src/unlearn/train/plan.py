@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import RunConfig, to_dict, validate_localize, validate_train
+from unlearn.config import (
+    RunConfig,
+    to_dict,
+    validate_adapter,
+    validate_localize,
+    validate_train,
+)
 from unlearn.data import Example, load_examples
 from unlearn.errors import UnlearnError
 from unlearn.methods import build_params, get_method
@@ -74,6 +80,7 @@ def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:
     params = build_params(method, method_cfg)
     validate_train(cfg.train)
     validate_localize(cfg.localize)
+    validate_adapter(cfg)
     if cfg.localize.active and command != "forget":
         raise UnlearnError("the localize section applies to `unlearn forget` only")
     if cfg.localize.mask is not None:

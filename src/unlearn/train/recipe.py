@@ -96,6 +96,11 @@ def execute(
     if cfg.resume:  # before anything is written: a refused resume leaves the folder as it was
         check_resume_settings(out, settings)
     model, tokenizer, resolved = load_model_and_tokenizer(cfg.model)
+    if cfg.model.adapter == "lora":
+        from unlearn import adapters
+
+        targets = adapters.method_targets(method, plan.params, model)
+        model = adapters.wrap(model, cfg.lora, targets)
     clock.lap("load")
     pad_id = tokenizer.pad_token_id
     seqs = _tokenize(plan, PromptFormatter(tokenizer, cfg.prompt), nll_check)
@@ -142,12 +147,21 @@ def execute(
     after = nll_pair(model, seqs.check_forget, seqs.check_retain, pad_id) if nll_check else {}
     clock.lap("nll_check")
 
-    save_model(model, tokenizer, out)
+    adapter = None
+    if cfg.model.adapter == "lora":
+        from unlearn import adapters
+        from unlearn.models import local_folder
+
+        adapter = {**adapters.describe(model), "merged": cfg.merge}
+        model = adapters.save(model, tokenizer, out, local_folder(resolved, cfg.model), cfg.merge)
+    else:
+        save_model(model, tokenizer, out)
     metrics: dict[str, Any] = {"steps": result.steps, "final_losses": result.final_logs}
     if nll_check:
         metrics["nll_before"] = before or None
         metrics["nll_after"] = after
     manifest = _manifest(plan, resolved, seqs, result, metrics, localization, clock, model, out)
+    manifest["adapter"] = adapter
     clock.lap("save")
     clock.seconds["reference"] = round(result.reference_seconds, 2)  # part of "train"
     manifest["wall_seconds"] = clock.total()
@@ -159,8 +173,13 @@ def execute(
 
 def _resume_settings(cfg: RunConfig) -> dict[str, Any]:
     """Settings outside `train`/`method` that decide what the remaining steps compute: the
-    localization (a resumed run reuses the saved mask, so changed settings would be ignored)."""
-    return {f"localize.{k}": v for k, v in to_dict(cfg.localize).items()}
+    localization (a resumed run reuses the saved mask, so changed settings would be ignored) and
+    the adapters."""
+    out = {f"localize.{k}": v for k, v in to_dict(cfg.localize).items()}
+    out["model.adapter"] = cfg.model.adapter
+    if cfg.model.adapter != "none":
+        out.update({f"lora.{k}": v for k, v in to_dict(cfg.lora).items()})
+    return out
 
 
 def _localize(model, forget: list[Tokenized], retain, pad_id: int, cfg: RunConfig, out: Path):

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from unlearn import adapters
 from unlearn import forward as fwd
 from unlearn.errors import UnlearnError
 from unlearn.methods.base import Method, Needs
@@ -58,7 +59,9 @@ def build(job: TrainJob) -> RunState:
         if uses_retain and job.retain
         else []
     )
-    masked, frozen = optim.masks(method, job.params, model, job.mask)
+    # adapters go where a method that chooses its parameters would train (`adapters.wrap`)
+    adapted = adapters.is_adapted(model)
+    masked, frozen = ([], []) if adapted else optim.masks(method, job.params, model, job.mask)
     opt = optim.optimizer(model, cfg, masked)
     sched = optim.scheduler(opt, cfg, len(steps))
     prepared_model, opt, sched = accelerator.prepare(model, opt, sched)
@@ -118,16 +121,24 @@ def start_values(job: TrainJob, needs: Needs, accelerator) -> StartValues:
     model, cfg = job.model, job.cfg
     out = StartValues()
     reinforced = reinforced_logits(job, needs)
-    if needs.reference_model:
+    adapted = adapters.is_adapted(model)
+    if adapted and (needs.reference_model or needs.reference_hidden_layers):
+        # the starting model is the same network with its adapters off: no second copy
+        view = adapters.DisabledAdapters(model)
+        out.model = view if needs.reference_model else None
+        out.hidden = view if needs.reference_hidden_layers else None
+    if needs.reference_model and not adapted:
         out.model = frozen_copy(model, accelerator)
-    if needs.reference_hidden_layers:
+    if needs.reference_hidden_layers and not adapted:
         truncated = hidden_io.truncated_copy(model, max(needs.reference_hidden_layers))
         out.hidden = accelerator.prepare_model(truncated, evaluation_mode=True)
     if job.method.finalize is not None:
+        # with adapters, the delta's negation is the B matrices' (see `unlearn.adapters`)
+        names = set(adapters.delta_names(model)) if adapted else None
         out.weights = {
             n: p.detach().to("cpu", copy=True)
             for n, p in model.named_parameters()
-            if p.requires_grad
+            if p.requires_grad and (names is None or n in names)
         }
     t0 = time.time()
     kinds = tuple(k for k in needs.reference if k != "reinforced_logits")

@@ -1,0 +1,247 @@
+"""LoRA unlearning (model.adapter=lora): only adapter weights train, the starting model is the same
+network with adapters off, the merged model is base + scale * B A, adapter folders load as models,
+resume is bitwise, and the errors are one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import unlearn
+from unlearn.cli import main
+from unlearn.errors import UnlearnError
+
+FAST = ["train.progress=false", "train.batch_size=2", "train.nll_check=false"]
+LORA = ["model.adapter=lora", "lora.r=4", "lora.alpha=8", "lora.dropout=0"]
+
+
+def _lora_run(target_dir, qa_files, out, method="npo", extra=(), merge=False, resume=False):
+    forget, retain = qa_files
+    return unlearn.forget(
+        str(target_dir), str(forget), str(retain), method, str(out),
+        overrides=[*FAST, *LORA, "train.lr=1e-2", *extra], merge=merge, resume=resume,
+    )  # fmt: skip
+
+
+def test_only_adapters_train_and_the_merged_model_is_base_plus_scaled_ba(
+    target_dir, qa_files, tmp_path, one_torch_thread
+):
+    from unlearn.models import hash_model_files
+
+    before = hash_model_files(str(target_dir))
+    out = tmp_path / "lora"
+    res = _lora_run(target_dir, qa_files, out, "grad_diff", ["train.max_steps=2"], merge=True)
+    adapter = res.manifest["adapter"]
+    assert adapter["kind"] == "lora" and adapter["r"] == 4 and adapter["merged"] is True
+    assert set(adapter["module_types"]) >= {"q_proj", "down_proj"}  # every linear layer
+    base = load_file(str(target_dir / "model.safetensors"))
+    lora = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    merged = load_file(str(out / "model.safetensors"))
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "config.json").is_file()
+    assert not (out / "adapter_config.json").exists()  # else transformers applies it again
+    scale = 8 / 4
+    changed = 0
+    for name, w in base.items():
+        module = name.removesuffix(".weight")
+        a = lora.get(f"base_model.model.{module}.lora_A.weight")
+        if a is None:
+            assert torch.equal(merged[name], w), name  # no adapter: untouched
+            continue
+        b = lora[f"base_model.model.{module}.lora_B.weight"]
+        assert torch.allclose(merged[name], w + scale * b @ a, atol=1e-6), name
+        changed += bool((b != 0).any())
+    assert changed > 0
+    assert hash_model_files(str(target_dir)) == before  # the input model is only read
+
+
+def test_every_adapter_weight_gets_a_gradient_and_base_weights_none(target_dir, one_torch_thread):
+    from transformers import AutoModelForCausalLM
+
+    from unlearn import adapters
+    from unlearn.config import LoraSettings
+
+    model = adapters.wrap(
+        AutoModelForCausalLM.from_pretrained(str(target_dir)), LoraSettings(r=2, dropout=0.0)
+    )
+    with torch.no_grad():  # B starts at 0, so A's gradient would be 0: give B a value
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    named = dict(model.named_parameters())
+    lora = [n for n in named if "lora_" in n]
+    assert lora and all(named[n].requires_grad for n in lora)
+    assert all(named[n].grad is not None and named[n].grad.abs().sum() > 0 for n in lora)
+    assert all(named[n].grad is None for n in named if "lora_" not in n)
+
+
+def test_disabled_adapters_are_the_base_model(target_dir, one_torch_thread):
+    from transformers import AutoModelForCausalLM
+
+    from unlearn import adapters
+    from unlearn.config import LoraSettings
+
+    base = AutoModelForCausalLM.from_pretrained(str(target_dir)).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21], [2, 4, 6, 8, 10, 12]])
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    model = adapters.wrap(AutoModelForCausalLM.from_pretrained(str(target_dir)), LoraSettings())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.train()
+    view = adapters.DisabledAdapters(model)
+    got = view(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert model.training  # the view restores the training mode
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, want, atol=1e-3)  # adapters on
+
+
+def test_kl_retain_term_uses_the_adapters_off_view_not_a_copy(
+    target_dir, qa_files, tmp_path, one_torch_thread, monkeypatch
+):
+    from unlearn.train import setup
+
+    def no_copy(*a, **k):
+        raise AssertionError("a frozen copy was made")
+
+    monkeypatch.setattr(setup, "frozen_copy", no_copy)
+    res = _lora_run(
+        target_dir,
+        qa_files,
+        tmp_path / "npo_kl",
+        "npo",
+        ["train.max_steps=1", "method.retain_loss=kl"],
+    )
+    assert res.metrics["steps"] == 1
+
+
+def test_adapter_folder_evaluates_like_its_merged_model(target_dir, qa_files, tmp_path):
+    out = tmp_path / "lora"
+    _lora_run(target_dir, qa_files, out, "grad_ascent", ["train.max_steps=2"])
+    assert (out / "adapter_config.json").is_file() and not (out / "config.json").is_file()
+    merged = tmp_path / "merged"
+    shutil.copytree(out, merged, ignore=shutil.ignore_patterns("adapter_*"))
+    from transformers import AutoModelForCausalLM
+
+    from unlearn.config import ModelConfig
+    from unlearn.models import load_model_and_tokenizer
+
+    model, _, resolved = load_model_and_tokenizer(ModelConfig(name=str(out), device="cpu"))
+    assert resolved.adapter and "Lora" not in type(model).__name__
+    model.save_pretrained(str(merged))  # the merged weights, as a plain model folder
+    forget, _ = qa_files
+    results = {}
+    for name, folder in (("adapter", out), ("merged", merged)):
+        code = main(["eval", "--model", str(folder), "--benchmark", "custom", "--forget",
+                     str(forget), "--output", str(tmp_path / f"ev_{name}"),
+                     "generation.max_new_tokens=4"])  # fmt: skip
+        assert code == 0
+        results[name] = json.loads((tmp_path / f"ev_{name}" / "results.json").read_text())
+    assert results["adapter"]["metrics"] == results["merged"]["metrics"]
+    base = AutoModelForCausalLM.from_pretrained(str(target_dir))
+    assert not torch.equal(base.lm_head.weight, model.lm_head.weight) or any(
+        not torch.equal(a, b) for a, b in zip(base.parameters(), model.parameters(), strict=True)
+    )
+
+
+def test_adapter_onto_another_base_is_refused(target_dir, tiny_model_dir, qa_files, tmp_path):
+    out = tmp_path / "lora"
+    _lora_run(target_dir, qa_files, out, "grad_ascent", ["train.max_steps=1"])
+    from unlearn.config import ModelConfig
+    from unlearn.models import load_model_and_tokenizer
+
+    with pytest.raises(UnlearnError) as err:
+        load_model_and_tokenizer(ModelConfig(name=str(out), base=str(tiny_model_dir)))
+    msg = str(err.value)
+    assert "only applies to its own base model" in msg and "\n" not in msg
+
+
+@pytest.mark.slow  # an interrupted run and a whole one
+def test_resume_of_a_lora_run_is_bitwise_the_uninterrupted_run(target_dir, qa_files, tmp_path):
+    whole = tmp_path / "whole"
+    _lora_run(target_dir, qa_files, whole, "npo", ["train.max_steps=4"])
+    part = tmp_path / "part"
+
+    def stop_after_two(step, logs):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    forget, retain = qa_files
+    with pytest.raises((KeyboardInterrupt, UnlearnError)):
+        unlearn.forget(
+            str(target_dir), str(forget), str(retain), "npo", str(part),
+            overrides=[*FAST, *LORA, "train.lr=1e-2", "train.max_steps=4", "train.save_every=1"],
+            callbacks=[stop_after_two],
+        )  # fmt: skip
+    res = _lora_run(
+        target_dir, qa_files, part, "npo", ["train.max_steps=4", "train.save_every=1"], resume=True
+    )
+    assert res.manifest["resumed_from_step"] == 2
+    a = load_file(str(whole / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rmu_puts_adapters_on_the_blocks_it_would_train(
+    target_dir, qa_files, tmp_path, one_torch_thread
+):
+    res = _lora_run(
+        target_dir, qa_files, tmp_path / "rmu", "rmu",
+        ["train.max_steps=1", "method.layer=1", "method.steering_coeff=1"],
+    )  # fmt: skip
+    targets = res.manifest["adapter"]["target_modules"]
+    assert targets == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+
+def test_task_vector_negates_the_adapter_delta(target_dir, qa_files, tmp_path, one_torch_thread):
+    """Task vector with adapters: fine-tune the adapters as `finetune` does, then B -> -alpha B
+    (B starts at 0) and A kept, so the weight delta is -alpha times the fine-tuned one."""
+    steps = ["train.max_steps=2"]
+    _lora_run(target_dir, qa_files, tmp_path / "ft", "finetune", steps)
+    _lora_run(target_dir, qa_files, tmp_path / "tv", "task_vector", [*steps, "method.alpha=2"])
+    ft = load_file(str(tmp_path / "ft" / "adapter_model.safetensors"))
+    tv = load_file(str(tmp_path / "tv" / "adapter_model.safetensors"))
+    assert ft.keys() == tv.keys()
+    for k in ft:
+        want = -2 * ft[k] if "lora_B" in k else ft[k]
+        assert torch.allclose(tv[k], want, atol=1e-6), k
+    assert any((ft[k] != 0).any() for k in ft if "lora_B" in k)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["lora.target_modules=[nope_proj]"], "matches no module"),
+        (["lora.r=0"], "lora.r must be at least 1"),
+        (["localize.method=grin"], "LoRA adapters do not train"),
+    ],
+)
+def test_adapter_errors_are_one_line(capsys, target_dir, qa_files, tmp_path, overrides, needle):
+    forget, retain = qa_files
+    code = main(
+        ["forget", "--model", str(target_dir), "--forget", str(forget), "--retain", str(retain),
+         "--method", "grad_diff", "--output", str(tmp_path / "o"), *FAST, *LORA,
+         "train.max_steps=1", *overrides]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # the lines before it are the weights' loading bar
+    assert code != 0 and needle in last and last.startswith("unlearn: error:"), err
+    assert "Traceback" not in err
+
+
+def test_merge_without_an_adapter_is_refused(capsys, target_dir, qa_files, tmp_path):
+    forget, retain = qa_files
+    code = main(
+        ["forget", "--model", str(target_dir), "--forget", str(forget), "--retain", str(retain),
+         "--method", "grad_diff", "--output", str(tmp_path / "o"), "--merge", *FAST]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "model.adapter=lora" in err and "\n" not in err
