@@ -106,11 +106,16 @@ OU_FIX = (
 OU_MODEL = "SmolLM2-135M-Instruct"  # a model config written into the cache tree at run time
 OU_TRAINERS = {"npo": "NPO", "grad_diff": "GradDiff", "grad_ascent": "GradAscent"}
 METHODS = tuple(OU_TRAINERS)
+OU_TRAINERS["npo_lora"] = "NPO"  # our LoRA NPO against its full NPO (not in the default list)
 BATCH = 4
 LR = 1e-5
 WEIGHT_DECAY = 0.01  # OpenUnlearning's TOFU experiment; unlearn's default too
 MAX_LENGTH = 512  # OpenUnlearning's TOFU data configs
 TIME_GOAL, MEM_GOAL = 0.75, 0.70
+#: Our variants run against OpenUnlearning's plain trainer (it has no LoRA: its issue 179), with
+#: their own peak-memory goals (issue 18: LoRA NPO at most 0.4x OpenUnlearning's NPO).
+VARIANTS = {"npo_lora": ("npo", ["model.adapter=lora"])}
+MEM_GOALS = {"npo_lora": 0.40}
 HF_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 NOTES = [
     "OU NPO holds a second full model as reference and runs it every step; ours computes the "
@@ -416,6 +421,7 @@ def ours_child(
         rec["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     n_rows = sum(1 for _ in forget.open())
+    method, extra = VARIANTS.get(method, (method, []))
     unlearn.forget(
         model,
         str(forget),
@@ -438,6 +444,7 @@ def ours_child(
             f"prompt.max_length={MAX_LENGTH}",
             "model.dtype=float32",
             "model.device=cpu",
+            *extra,
         ],
     )
     done = _finish(rec, steps)
@@ -510,7 +517,8 @@ def measure(methods: list[str] | tuple[str, ...] = METHODS, steps: int = 10) -> 
     rows = []
     for method in methods:
         ours = _child("ours", method, steps, data[:2], model)
-        ou = _child("ou", method, steps, data[:2], ou_model)
+        ou = _child("ou", VARIANTS.get(method, (method,))[0], steps, data[:2], ou_model)
+        mem_goal = MEM_GOALS.get(method, MEM_GOAL)
         t_ratio = ours["s_per_step"] / ou["s_per_step"]
         m_ratio = ours["peak_mib"] / ou["peak_mib"]
         rows.append(
@@ -526,8 +534,8 @@ def measure(methods: list[str] | tuple[str, ...] = METHODS, steps: int = 10) -> 
                 "ours_peak_mib": ours["peak_mib"],
                 "ou_peak_mib": ou["peak_mib"],
                 "mem_ratio": m_ratio,
-                "mem_goal": MEM_GOAL,
-                "mem_met": m_ratio <= MEM_GOAL,
+                "mem_goal": mem_goal,
+                "mem_met": m_ratio <= mem_goal,
                 "ours": ours,
                 "ou": ou,
             }
@@ -550,7 +558,10 @@ def _table(rows: list[dict]) -> str:
             f"{r['time_ratio']:>6.2f} {mark(r['time_met']):<6} {r['ours_peak_mib']:>9.0f} "
             f"{r['ou_peak_mib']:>8.0f} {r['mem_ratio']:>6.2f} {mark(r['mem_met']):<6}"
         )
-    lines.append(f"goals: time ratio <= {TIME_GOAL}, peak memory ratio <= {MEM_GOAL} (ours / OU)")
+    goals = ", ".join(f"{m} {g}" for m, g in MEM_GOALS.items())
+    lines.append(
+        f"goals: time ratio <= {TIME_GOAL}, peak memory ratio <= {MEM_GOAL} ({goals}) (ours / OU)"
+    )
     return "\n".join(lines)
 
 

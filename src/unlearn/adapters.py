@@ -13,8 +13,12 @@ Design choices, each for a reason:
 - A task vector with adapters negates the adapter delta: only the B matrices are negated and
   scaled (B starts at 0, so B' = -alpha B), keeping A, so the final delta is -alpha (scale B A), the
   task-vector formula applied to the weight delta LoRA learned.
-- Localization (GRIN's weight mask, UOE's expert choice) selects entries of the base weights; an
-  adapter has none of them, so the combination is refused in one line (use full fine-tuning).
+- GRIN (and its controls: a forget-gradient, random or regex mask) chooses where the adapters go:
+  its mask selects the top weights by gradient ratio; an adapter spans a whole module, so the
+  adapters go on the linear modules where the selection is enriched, i.e. whose share of selected
+  weights is at least the share over all linear weights (`modules_from_mask`). No noise is
+  injected (it would perturb frozen base weights that no adapter can undo entry by entry), and
+  UOE, which trains chosen experts' weights, is refused with adapters.
 
 Output: the adapter folder (`adapter_config.json`, `adapter_model.safetensors`, the tokenizer and
 the run's manifest); with `--merge` the output folder is the merged model (`model.safetensors`,
@@ -73,17 +77,9 @@ def wrap(model: torch.nn.Module, settings: Any, targets: list[str] | None = None
     wanted: str | list[str] = settings.target_modules
     if targets and wanted == ALL_LINEAR:
         wanted = targets
-    if wanted != ALL_LINEAR:
-        wanted = [wanted] if isinstance(wanted, str) else list(wanted)
-        modules = {name for name, _ in model.named_modules()}
-        short = {n.rsplit(".", 1)[-1] for n in modules}
-        missing = [t for t in wanted if t not in short and t not in modules]
-        if missing:
-            valid = ", ".join(_linear_names(model)[:8]) or "none"
-            raise UnlearnError(
-                f"lora.target_modules entry '{missing[0]}' matches no module of "
-                f"{type(model).__name__}; linear layers are named e.g. {valid}"
-            )
+    check_targets(model, wanted)
+    if isinstance(wanted, str) and wanted != ALL_LINEAR:
+        wanted = [wanted]
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -101,12 +97,50 @@ def wrap(model: torch.nn.Module, settings: Any, targets: list[str] | None = None
         ) from None
 
 
+def check_targets(model: torch.nn.Module, wanted: str | list[str]) -> None:
+    """One line listing valid names when a target module matches nothing."""
+    if wanted == ALL_LINEAR:
+        return
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    modules = {name for name, _ in model.named_modules()}
+    short = {n.rsplit(".", 1)[-1] for n in modules}
+    missing = [t for t in wanted if t not in short and t not in modules]
+    if missing:
+        valid = ", ".join(_linear_names(model)[:8]) or "none"
+        raise UnlearnError(
+            f"lora.target_modules entry '{missing[0]}' matches no module of "
+            f"{type(model).__name__}; linear layers are named e.g. {valid}"
+        )
+
+
 def method_targets(method, params: Any, model: torch.nn.Module) -> list[str] | None:
     """Module names a method that chooses its own parameters would train (RMU), else None."""
     if method.parameter_mask is None:
         return None
     chosen = method.parameter_mask(model, params)
     return sorted({name.rsplit(".", 1)[0] for name, m in chosen.items() if bool(m.any())})
+
+
+def modules_from_mask(model: torch.nn.Module, mask: dict[str, torch.Tensor]) -> list[str]:
+    """The linear modules (full names) whose share of selected weight entries is at least the
+    share over all linear weights of the mask: where the localization concentrates."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = {
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+    }
+    counts: dict[str, tuple[int, int]] = {}
+    for name, m in mask.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module in linear:
+            counts[module] = (int(m.sum()), m.numel())
+    selected = sum(s for s, _ in counts.values())
+    if not selected:
+        raise UnlearnError(
+            "the localization selected no weight of a linear layer, so there is nowhere to put "
+            "LoRA adapters; widen localize.include or raise localize.top_fraction"
+        )
+    overall = selected / sum(n for _, n in counts.values())
+    return sorted(m for m, (s, n) in counts.items() if s and s / n >= overall)
 
 
 def delta_names(model: torch.nn.Module) -> list[str]:

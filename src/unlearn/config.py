@@ -466,10 +466,24 @@ def validate_adapter(cfg: RunConfig) -> None:
         raise UnlearnError(f"lora.alpha must be positive, got {lora.alpha}")
     if not 0 <= lora.dropout < 1:
         raise UnlearnError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
-    if cfg.localize.active:
+    loc = cfg.localize
+    if not loc.active:
+        return
+    # GRIN and its controls choose where the adapters go (`unlearn.adapters.modules_from_mask`)
+    if loc.method == "uoe":
         raise UnlearnError(
-            "localization (localize.method / localize.mask) selects entries of the base weights, "
-            "which LoRA adapters do not train; use model.adapter=none with localization"
+            "localize.method=uoe trains chosen experts' weights, not adapters; use "
+            "model.adapter=none with it"
+        )
+    if loc.noise_std > 0 or loc.train_all:
+        raise UnlearnError(
+            "with LoRA adapters the localization only chooses the modules that get adapters; "
+            "localize.noise_std and localize.train_all act on base weights: leave them at 0/false"
+        )
+    if lora.target_modules != "all-linear":
+        raise UnlearnError(
+            "with a localize section the localization chooses lora.target_modules; leave it at "
+            "its default (all-linear)"
         )
 
 

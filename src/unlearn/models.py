@@ -284,9 +284,12 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
     return model, tokenizer, resolved
 
 
-def _load_adapter(cfg: ModelConfig, resolved: ResolvedModel, device: torch.device | None):
+def _load_adapter(
+    cfg: ModelConfig, resolved: ResolvedModel, device: torch.device | None, depth: int = 0
+):
     """An adapter folder: its base model (checked against the hash the run recorded) with the
-    adapter merged in, and the tokenizer saved with the adapter."""
+    adapter merged in, and the tokenizer saved with the adapter. The base may itself be an
+    adapter folder (a LoRA run started from a LoRA run's output: RESTOR's corrupted model)."""
     import dataclasses
 
     from transformers import AutoTokenizer
@@ -302,10 +305,13 @@ def _load_adapter(cfg: ModelConfig, resolved: ResolvedModel, device: torch.devic
         raise UnlearnError(
             f"the base model of adapter folder {folder} ({exc}); pass model.base=MODEL"
         ) from None
-    if base.adapter:
-        raise UnlearnError(f"the base of adapter folder {folder} is itself an adapter folder")
     adapters.check_base(folder, spec, recorded, _source_sha(base, base_cfg))
-    model, _, _ = load_model_and_tokenizer(base_cfg, device)
+    if base.adapter and depth >= 16:
+        raise UnlearnError(f"adapter folder {folder} stacks more than 16 adapters; merge some")
+    if base.adapter:
+        model, _, _ = _load_adapter(base_cfg, base, device, depth + 1)
+    else:
+        model, _, _ = load_model_and_tokenizer(base_cfg, device)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -438,3 +438,26 @@ def test_restor_command_runs_every_stage(capsys, tiny_model_dir, facts_file, tmp
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert list(summary["models"]) == ["clean", "corrupted", "npo"]
     assert summary["plots"]["restor_probe"] == "plots/restor_probe.png"
+
+
+@pytest.mark.slow  # the whole pipeline, with adapters
+def test_restor_corrupts_and_unlearns_with_lora_adapters(
+    capsys, tiny_model_dir, facts_file, tmp_path
+):
+    """RESTOR's paper corrupts with LoRA: both training stages as adapters, each loading on the
+    one before it (clean -> corrupted adapter -> unlearned adapter)."""
+    out = tmp_path / "run"
+    fast = "[train.max_steps=1, train.progress=false, model.adapter=lora, train.lr=1e-3]"
+    code, _, err = run(
+        capsys, "restor", "--model", str(tiny_model_dir), "--facts", str(facts_file),
+        "--targets", "Ada Stone", "--entities", ";".join(PEOPLE[:4]), "--methods", "npo",
+        "-s", f"corrupt.overrides={fast}", "-s", f"unlearn.overrides={fast}",
+        "-s", "eval.max_new_tokens=2", "-s", "docs_per_entity=2", "--output", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    for stage in ("corrupted", "npo"):
+        folder = out / "models" / stage
+        assert (folder / "adapter_model.safetensors").is_file()
+        assert not (folder / "model.safetensors").exists()
+    npo = json.loads((out / "evals" / "npo" / "results.json").read_text())
+    assert "target_accuracy" in npo["metrics"]

@@ -221,7 +221,8 @@ def test_task_vector_negates_the_adapter_delta(target_dir, qa_files, tmp_path, o
     [
         (["lora.target_modules=[nope_proj]"], "matches no module"),
         (["lora.r=0"], "lora.r must be at least 1"),
-        (["localize.method=grin"], "LoRA adapters do not train"),
+        (["localize.method=grin", "localize.noise_std=0.5"], "act on base weights"),
+        (["localize.method=uoe"], "trains chosen experts' weights"),
     ],
 )
 def test_adapter_errors_are_one_line(capsys, target_dir, qa_files, tmp_path, overrides, needle):
@@ -245,3 +246,42 @@ def test_merge_without_an_adapter_is_refused(capsys, target_dir, qa_files, tmp_p
     )  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code != 0 and "model.adapter=lora" in err and "\n" not in err
+
+
+def test_a_lora_run_on_an_adapter_folder_stacks_and_loads(target_dir, qa_files, tmp_path):
+    """A LoRA run started from another LoRA run's output (RESTOR corrupts, then unlearns, both with
+    adapters) loads as base + first adapter + second adapter."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    _lora_run(target_dir, qa_files, first, "finetune", ["train.max_steps=2"])
+    _lora_run(first, qa_files, second, "grad_ascent", ["train.max_steps=2"])
+    from unlearn.config import ModelConfig
+    from unlearn.models import load_model_and_tokenizer
+
+    one, _, _ = load_model_and_tokenizer(ModelConfig(name=str(first), device="cpu"))
+    two, _, _ = load_model_and_tokenizer(ModelConfig(name=str(second), device="cpu"))
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert not torch.allclose(one(input_ids=ids).logits, two(input_ids=ids).logits)
+
+
+def test_grin_chooses_the_modules_that_get_adapters(target_dir, qa_files, tmp_path):
+    """GRIN with adapters: its mask (top weights by gradient ratio) is computed on the base model
+    and the adapters go on the linear modules where the selection is enriched."""
+    from unlearn.localization.mask import load_mask
+
+    out = tmp_path / "grin_lora"
+    res = _lora_run(
+        target_dir, qa_files, out, "npo",
+        ["train.max_steps=1", "localize.method=grin", "localize.top_fraction=0.05"],
+    )  # fmt: skip
+    targets = res.manifest["adapter"]["target_modules"]
+    mask, _ = load_mask(str(out / "localization" / "mask.safetensors"))
+    dens = {n.removesuffix(".weight"): float(m.float().mean()) for n, m in mask.items()
+            if n.endswith("_proj.weight")}  # fmt: skip
+    overall = sum(int(m.sum()) for n, m in mask.items() if n.endswith("_proj.weight")) / sum(
+        m.numel() for n, m in mask.items() if n.endswith("_proj.weight")
+    )
+    assert targets and set(targets) < set(dens)  # some linear modules, not all
+    assert all(dens[t] >= overall for t in targets)
+    assert all(d < overall for m, d in dens.items() if m not in targets)
+    assert res.manifest["localization"]["selected"] > 0

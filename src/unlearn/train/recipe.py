@@ -96,11 +96,15 @@ def execute(
     if cfg.resume:  # before anything is written: a refused resume leaves the folder as it was
         check_resume_settings(out, settings)
     model, tokenizer, resolved = load_model_and_tokenizer(cfg.model)
-    if cfg.model.adapter == "lora":
+    if cfg.model.adapter == "lora":  # a bad target module fails now, before any scoring
         from unlearn import adapters
 
-        targets = adapters.method_targets(method, plan.params, model)
-        model = adapters.wrap(model, cfg.lora, targets)
+        adapters.check_targets(model, cfg.lora.target_modules)
+        if cfg.localize.active and method.parameter_mask is not None:
+            raise UnlearnError(
+                f"method '{method.name}' chooses its own parameters; it cannot be combined with a "
+                "localize section (set localize.method=none)"
+            )
     clock.lap("load")
     pad_id = tokenizer.pad_token_id
     seqs = _tokenize(plan, PromptFormatter(tokenizer, cfg.prompt), nll_check)
@@ -124,6 +128,15 @@ def execute(
     if cfg.localize.active:  # before config.yaml: a mask refused here leaves nothing to clean up
         localization = _localize(model, seqs.original, seqs.retain, pad_id, cfg, out)
         clock.lap("localize")
+    if cfg.model.adapter == "lora":  # after localizing: GRIN's mask chooses the adapted modules
+        from unlearn import adapters
+
+        targets = (
+            adapters.modules_from_mask(model, localization.mask)
+            if localization is not None
+            else adapters.method_targets(method, plan.params, model)
+        )
+        model = adapters.wrap(model, cfg.lora, targets)
     config_text = yaml.safe_dump(resolved_config(cfg, plan.params), sort_keys=False)
     atomic_write_text(out / CONFIG_FILE, config_text)
     job = TrainJob(
@@ -132,7 +145,7 @@ def execute(
         callbacks=list(callbacks or []), settings=settings,
         prepared=method.prepare(plan.params, tokenizer) if method.prepare else None,
     )  # fmt: skip
-    if localization is not None:
+    if localization is not None and cfg.model.adapter == "none":
         job.mask, job.anchor = localization.train_mask, localization.anchor
         job.perturb = _noise(localization, cfg)
         job.reference = "after" if cfg.localize.reference == "noised" else "before"
