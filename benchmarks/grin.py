@@ -123,6 +123,7 @@ def child_unlearn(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": round(peak, 1),
         "steps": manifest["steps"],
         "localization": manifest.get("localization"),
+        "adapter": manifest.get("adapter"),
     }
 
 
@@ -292,6 +293,23 @@ class Experiment:
             names.append(name)
         return names
 
+    def lora(self, chosen: dict[str, Any]) -> list[str]:
+        """NPO with LoRA adapters (r 8, alpha 32: TOFU's LoRA config) on every linear layer and on
+        the modules GRIN's mask (the chosen top fraction, scored on the target) concentrates on,
+        at TOFU's LoRA unlearning lr (1e-4) and at the localized runs' lr; beside full NPO and
+        full-weight GRIN (no noise), which the table already has."""
+        grin = self.mask("grin", chosen["top_fraction"])
+        names = ["npo: no localization", "npo: GRIN, no noise"]
+        for lr in (1e-4, chosen["lr"]):
+            lora = ["model.adapter=lora", "lora.dropout=0", f"train.lr={lr}"]
+            name = f"npo: LoRA, every linear layer, lr={lr:g}"
+            self.row(name, "npo", lora)
+            names.append(name)
+            name = f"npo: LoRA on GRIN's modules, lr={lr:g}"
+            self.row(name, "npo", [*lora, f"localize.mask={grin}", "localize.noise_std=0"])
+            names.append(name)
+        return names
+
     def table(self, methods: list[str], chosen: dict[str, Any]) -> dict[str, list[str]]:
         lr, fraction, noise = chosen["lr"], chosen["top_fraction"], chosen["table_noise_std"]
         extra = ["localize.train_all=true"] if chosen["train_all"] else []
@@ -450,6 +468,29 @@ def write_page(exp: Experiment, chosen: dict[str, Any], groups: dict[str, list[s
                 f"{min(mu) / t_util:.3f}x to {max(mu) / t_util:.3f}x the target's"
             )
         lines.append("")
+    if chosen.get("lora_rows"):
+        lines += [
+            "## LoRA (NPO)",
+            "",
+            "GRIN with LoRA adapters (`model.adapter=lora`): GRIN's mask is scored on the target "
+            "as above, and the adapters go on the linear modules where the selected weights are "
+            "enriched (a module's share of selected weights at least the share over all linear "
+            "weights); no noise. Adapters: r 8, alpha 32 (TOFU's LoRA config), dropout 0. "
+            "Compared with LoRA on every linear layer, full-weight NPO and full-weight GRIN:",
+            "",
+            *_table(exp, chosen["lora_rows"]),
+            "",
+        ]
+        for n in chosen["lora_rows"]:
+            adapter = exp.rows[n].get("adapter")
+            if adapter:
+                mods = adapter["target_modules"]
+                what = "every linear layer" if mods == ["all-linear"] else f"{len(mods)} modules"
+                lines.append(
+                    f"- {n}: adapters on {what} ({', '.join(adapter['module_types'])}), "
+                    f"{adapter['trainable_parameters']:,} trainable parameters."
+                )
+        lines.append("")
     lines += _findings(exp, groups)
     # the goal
     lines += ["## Against the goal", ""]
@@ -522,6 +563,7 @@ def main() -> None:
     groups = {} if args.sweep_only else exp.table(args.methods.split(","), chosen)
     if groups and not args.quick and "npo" in groups:
         chosen["seed_rows"] = exp.seeds(chosen)
+        chosen["lora_rows"] = exp.lora(chosen)
     text = write_page(exp, chosen, groups, sys.argv[1:])
     print(text)
 

@@ -106,7 +106,8 @@ OU_FIX = (
 OU_MODEL = "SmolLM2-135M-Instruct"  # a model config written into the cache tree at run time
 OU_TRAINERS = {"npo": "NPO", "grad_diff": "GradDiff", "grad_ascent": "GradAscent"}
 METHODS = tuple(OU_TRAINERS)
-OU_TRAINERS["npo_lora"] = "NPO"  # our LoRA NPO against its full NPO (not in the default list)
+# our variants (LoRA, gradient checkpointing) against its plain NPO; not in the default list
+OU_TRAINERS.update({"npo_gc": "NPO", "npo_lora": "NPO", "npo_lora_gc": "NPO"})
 BATCH = 4
 LR = 1e-5
 WEIGHT_DECAY = 0.01  # OpenUnlearning's TOFU experiment; unlearn's default too
@@ -114,8 +115,13 @@ MAX_LENGTH = 512  # OpenUnlearning's TOFU data configs
 TIME_GOAL, MEM_GOAL = 0.75, 0.70
 #: Our variants run against OpenUnlearning's plain trainer (it has no LoRA: its issue 179), with
 #: their own peak-memory goals (issue 18: LoRA NPO at most 0.4x OpenUnlearning's NPO).
-VARIANTS = {"npo_lora": ("npo", ["model.adapter=lora"])}
-MEM_GOALS = {"npo_lora": 0.40}
+GC = "train.gradient_checkpointing=true"
+VARIANTS = {
+    "npo_gc": ("npo", [GC]),
+    "npo_lora": ("npo", ["model.adapter=lora"]),
+    "npo_lora_gc": ("npo", ["model.adapter=lora", GC]),
+}
+MEM_GOALS = {"npo_lora": 0.40, "npo_lora_gc": 0.40}
 HF_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 NOTES = [
     "OU NPO holds a second full model as reference and runs it every step; ours computes the "

@@ -103,6 +103,11 @@ class TrainConfig:
         128 sequences: 30 s for TOFU forget01 + retain99 with SmolLM2-135M on 2 CPU cores, as
         much as ~6 NPO steps at batch 4 (the manifest's `seconds.nll_check` says what it cost
         you). false skips it.
+    gradient_checkpointing: keep only each block's input during the forward pass and recompute
+        the rest in the backward pass (non-reentrant torch checkpointing): activation memory
+        falls from every block's intermediates to one tensor per block, for about one more
+        forward pass of compute. The training forward then runs each batch whole (no shared
+        prompt prefix); the numbers are the same up to float rounding.
     """
 
     epochs: int = 1
@@ -121,6 +126,7 @@ class TrainConfig:
     keep_checkpoints: bool = False
     progress: bool = True
     nll_check: bool = True
+    gradient_checkpointing: bool = False
 
     def num_warmup_steps(self, total: int) -> int:
         """Warm-up optimizer steps for a run of `total`: `warmup_steps` wins over the ratio."""

@@ -38,12 +38,13 @@ def forward(run: RunState, items: list[Tokenized], idx: list[int], layers: tuple
     batch = collate([items[i] for i in idx], run.pad_id)
     batch = {k: v.to(run.accelerator.device) for k, v in batch.items()}
     labels = batch.pop("labels")
+    # checkpointed blocks keep no cache in training (transformers would warn and drop it)
+    flag: dict[str, Any] = {"use_cache": False} if run.cfg.gradient_checkpointing else {}
     if layers:
         stop = not run.needs.logits and run.accelerator.num_processes == 1
-        out, seen = hidden_io.run(model, batch, layers, stop)
+        out, seen = hidden_io.run(model, batch, layers, stop, **flag)
         logits = None if out is None or not run.needs.logits else out.logits
         return Pass(logits, seen, labels, batch, None)
-    flag: dict[str, Any] = {}
     kept = fwd.kept_positions(labels) if run.keep_logits else None
     if kept is not None:
         flag["logits_to_keep"] = kept

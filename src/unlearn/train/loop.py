@@ -110,6 +110,8 @@ def train(job: TrainJob) -> TrainResult:
     finally:
         for p in run.frozen:
             p.requires_grad_(True)
+        if job.cfg.gradient_checkpointing:
+            setup.checkpointing(job.model, False)
         job.model.train(was_training)
     bar.close()
     if run.method.finalize is not None and run.start.weights is not None:

@@ -62,6 +62,8 @@ def build(job: TrainJob) -> RunState:
     # adapters go where a method that chooses its parameters would train (`adapters.wrap`)
     adapted = adapters.is_adapted(model)
     masked, frozen = ([], []) if adapted else optim.masks(method, job.params, model, job.mask)
+    if cfg.gradient_checkpointing:
+        checkpointing(model, True)
     opt = optim.optimizer(model, cfg, masked)
     sched = optim.scheduler(opt, cfg, len(steps))
     prepared_model, opt, sched = accelerator.prepare(model, opt, sched)
@@ -81,7 +83,12 @@ def build(job: TrainJob) -> RunState:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     unwrapped = accelerator.unwrap_model(prepared_model)
     one = accelerator.num_processes == 1
-    share = job.anchor is None and one and fwd.takes_cache(unwrapped)
+    share = (
+        job.anchor is None
+        and one
+        and fwd.takes_cache(unwrapped)
+        and not cfg.gradient_checkpointing  # checkpointed blocks take no cache in training
+    )
     return RunState(
         accelerator=accelerator,
         model=prepared_model,
@@ -150,6 +157,24 @@ def start_values(job: TrainJob, needs: Needs, accelerator) -> StartValues:
         out.forget["reinforced_logits:start"] = reinforced["logits:start"]
     out.seconds = time.time() - t0
     return out
+
+
+def checkpointing(model, on: bool) -> None:
+    """Turn gradient checkpointing on (non-reentrant: no inputs that require grad are needed, so
+    adapters train behind a frozen embedding) or off again after training."""
+    inner = getattr(model, "module", model)
+    if not on:
+        if hasattr(inner, "gradient_checkpointing_disable"):
+            inner.gradient_checkpointing_disable()
+        return
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise UnlearnError(
+            f"{type(inner).__name__} does not support gradient checkpointing; set "
+            "train.gradient_checkpointing=false"
+        )
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapters.is_adapted(inner):
+        inner.enable_input_require_grads()  # for reentrant checkpointing elsewhere (peft's rule)
 
 
 def check_needs(method: Method, needs: Needs, model, accelerator) -> None:
