@@ -485,12 +485,28 @@ def write_page(exp: Experiment, chosen: dict[str, Any], groups: dict[str, list[s
             adapter = exp.rows[n].get("adapter")
             if adapter:
                 mods = adapter["target_modules"]
-                what = "every linear layer" if mods == ["all-linear"] else f"{len(mods)} modules"
+                what = "every linear layer" if "every linear" in n else f"{len(mods)} modules"
                 lines.append(
-                    f"- {n}: adapters on {what} ({', '.join(adapter['module_types'])}), "
+                    f"- {n}: adapters on {what} (of types {', '.join(adapter['module_types'])}), "
                     f"{adapter['trainable_parameters']:,} trainable parameters."
                 )
-        lines.append("")
+        t_util = exp.target_metrics["model_utility"]
+        lora_names = [n for n in chosen["lora_rows"] if "LoRA" in n]
+        best = exp.best(lora_names)
+        full = exp.rows["npo: GRIN, no noise"]["metrics"]
+        b = exp.rows[best]["metrics"]
+        most = max(lora_names, key=lambda n: exp.rows[n]["metrics"]["forget_quality"])
+        m = exp.rows[most]["metrics"]
+        lines += [
+            "",
+            f"By the sweep's rule (forget quality among rows keeping {UTILITY_BAR}x the target's "
+            f"utility, else the highest utility) the best LoRA row is `{best}`: forget quality "
+            f"{b['forget_quality']:.2e} at {b['model_utility'] / t_util:.2f}x utility; the LoRA "
+            f"row that forgot most is `{most}`: {m['forget_quality']:.2e} at "
+            f"{m['model_utility'] / t_util:.2f}x; full-weight GRIN: {full['forget_quality']:.2e} "
+            f"at {full['model_utility'] / t_util:.2f}x.",
+            "",
+        ]
     lines += _findings(exp, groups)
     # the goal
     lines += ["## Against the goal", ""]
