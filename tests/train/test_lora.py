@@ -181,6 +181,10 @@ def test_resume_of_a_lora_run_is_bitwise_the_uninterrupted_run(target_dir, qa_fi
             overrides=[*FAST, *LORA, "train.lr=1e-2", "train.max_steps=4", "train.save_every=1"],
             callbacks=[stop_after_two],
         )  # fmt: skip
+    ckpt = part / "checkpoints" / "step-2"
+    saved = load_file(str(ckpt / "model.safetensors"))  # adapters only: the base is the input
+    assert saved and all(".lora_" in k for k in saved)
+    assert not list(ckpt.glob("pytorch_model*.bin"))
     res = _lora_run(
         target_dir, qa_files, part, "npo", ["train.max_steps=4", "train.save_every=1"], resume=True
     )
@@ -311,3 +315,16 @@ def test_gradient_checkpointing_gives_the_same_run(target_dir, qa_files, tmp_pat
         assert diff < 0.1 * 1e-2, (k, float(diff))
     if adapter:
         assert all((v != 0).any() for k, v in outs[True].items() if "lora_B" in k)
+
+
+def test_checkpoint_weights_are_safetensors(target_dir, qa_files, tmp_path):
+    forget, retain = qa_files
+    out = tmp_path / "full"
+    unlearn.forget(
+        str(target_dir), str(forget), str(retain), "grad_diff", str(out),
+        overrides=[*FAST, "train.max_steps=2", "train.save_every=1", "train.keep_checkpoints=true"],
+    )  # fmt: skip
+    ckpt = out / "checkpoints" / "step-1"
+    assert (ckpt / "model.safetensors").is_file()  # optimizer/RNG: weights-only loads
+    assert not list(ckpt.glob("pytorch_model*"))
+    assert "model.embed_tokens.weight" in load_file(str(ckpt / "model.safetensors"))

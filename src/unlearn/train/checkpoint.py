@@ -1,7 +1,11 @@
 """Checkpoints that `--resume` can trust: atomic, labelled with the completed step and the config.
 
 Each checkpoint folder holds accelerate's state plus `progress.json` = {"step": completed optimizer
-steps, "config": the resolved settings that decide what the remaining steps compute}. On resume a
+steps, "config": the resolved settings that decide what the remaining steps compute}. Weights are
+safetensors (`model.safetensors`), never a pickle a resume must unpickle; accelerate reads the
+optimizer, scheduler and random states back with torch's weights-only loader. A run that trains
+adapters checkpoints the adapters only (`register_hooks`): its frozen base is the input model,
+which the run never changes, so a 7B base is not copied at every checkpoint. On resume a
 changed setting is refused with the list of differences, except the few that are safe to change
 mid-run (`ALLOWED`), which are applied explicitly and announced: restoring the optimizer and
 scheduler state would otherwise silently keep the old learning rate.
@@ -122,7 +126,7 @@ def save_checkpoint(
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging), safe_serialization=False)
+    accelerator.save_state(str(staging), safe_serialization=True)
     if accelerator.is_main_process:
         progress: dict[str, Any] = {"step": step, "config": fingerprint}
         if method_state:
@@ -179,3 +183,41 @@ def check_resume_settings(output: Path, settings: dict[str, Any]) -> None:
     prefixes = {k.split(".", 1)[0] + "." for k in now}
     ours = {k: v for k, v in saved.items() if any(k.startswith(p) for p in prefixes)}
     check_resume(ours, now, found[0])
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def register_hooks(accelerator) -> None:
+    """Checkpoint only the trainable tensors of a model that trains adapters, and load them back
+    (the frozen base comes from the input model, as at the start of the run)."""
+    from unlearn.adapters import is_adapted
+
+    def save_trainable(models, weights, output_dir) -> None:
+        for i, model in enumerate(models):
+            inner = accelerator.unwrap_model(model)
+            if is_adapted(inner) and i < len(weights):
+                keep = _trainable(inner)
+                weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    def load_trainable(models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        for i in reversed(range(len(models))):
+            inner = accelerator.unwrap_model(models[i])
+            if not is_adapted(inner):
+                continue
+            name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+            state = load_file(str(Path(input_dir) / name))
+            missing = _trainable(inner) - set(state)
+            if missing:
+                raise UnlearnError(
+                    f"checkpoint {input_dir} lacks adapter tensor {sorted(missing)[0]}; it was "
+                    "written by another run: start over with --overwrite"
+                )
+            inner.load_state_dict(state, strict=False)
+            models.pop(i)  # loaded here: accelerate skips it
+
+    accelerator.register_save_state_pre_hook(save_trainable)
+    accelerator.register_load_state_pre_hook(load_trainable)

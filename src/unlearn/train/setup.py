@@ -67,6 +67,7 @@ def build(job: TrainJob) -> RunState:
     opt = optim.optimizer(model, cfg, masked)
     sched = optim.scheduler(opt, cfg, len(steps))
     prepared_model, opt, sched = accelerator.prepare(model, opt, sched)
+    ckpt_io.register_hooks(accelerator)
     for m in masked:
         m.mask = m.mask.to(m.param.device)
     data = {
