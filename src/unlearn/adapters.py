@@ -185,15 +185,22 @@ class DisabledAdapters(torch.nn.Module):
             self.module.train(was)
 
 
-def save(model, tokenizer, out: Path, source: str, merge: bool) -> torch.nn.Module:
+def save(
+    model, tokenizer, out: Path, source: str, merge: bool, state_dict: dict | None = None
+) -> torch.nn.Module:
     """Write the adapter (and with `merge` the merged model) into `out` through a staging folder;
-    returns the model that now holds the result (the merged one with `merge`)."""
+    returns the model that now holds the result (the merged one with `merge`). `state_dict`: the
+    whole model's tensors when its own are shards (FSDP2); peft keeps the adapter's."""
     inner = getattr(model, "module", model)
     inner.peft_config[inner.active_adapter].base_model_name_or_path = source
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
     try:
-        inner.save_pretrained(staging / ADAPTER_DIR if merge else staging, safe_serialization=True)
+        inner.save_pretrained(
+            staging / ADAPTER_DIR if merge else staging,
+            safe_serialization=True,
+            state_dict=state_dict,
+        )
         tokenizer.save_pretrained(staging)
         result = inner
         if merge:

@@ -108,6 +108,8 @@ class TrainConfig:
         falls from every block's intermediates to one tensor per block, for about one more
         forward pass of compute. The training forward then runs each batch whole (no shared
         prompt prefix); the numbers are the same up to float rounding.
+    sharding: "fsdp2" shards parameters, gradients and optimizer state over the processes of a
+        torchrun launch (`unlearn.train.sharding`); "none" is plain data parallelism (DDP).
     """
 
     epochs: int = 1
@@ -127,6 +129,7 @@ class TrainConfig:
     progress: bool = True
     nll_check: bool = True
     gradient_checkpointing: bool = False
+    sharding: Literal["none", "fsdp2"] = "none"
 
     def num_warmup_steps(self, total: int) -> int:
         """Warm-up optimizer steps for a run of `total`: `warmup_steps` wins over the ratio."""
@@ -462,6 +465,11 @@ def validate_train(train: TrainConfig) -> None:
 def validate_adapter(cfg: RunConfig) -> None:
     """Adapter settings that cannot work, refused before the model loads."""
     lora = cfg.lora
+    if cfg.merge and cfg.train.sharding != "none":
+        raise UnlearnError(
+            "--merge with train.sharding=fsdp2 is not supported; save the adapter, then load it "
+            "(it merges in memory) or run without sharding"
+        )
     if cfg.model.adapter == "none":
         if cfg.merge:
             raise UnlearnError("--merge merges trained adapters; it needs model.adapter=lora")

@@ -99,12 +99,13 @@ def prepare_output(output: str, model_path: str | None, overwrite: bool, resume:
     )
 
 
-def save_model(model, tokenizer, out: Path) -> None:
-    """Save weights and tokenizer into `out` file by file through a staging folder."""
+def save_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
+    """Save weights and tokenizer into `out` file by file through a staging folder; `state_dict`:
+    the weights to write when the model's own are shards (FSDP2, gathered by the caller)."""
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         for f in staging.iterdir():
             os.replace(f, out / f.name)

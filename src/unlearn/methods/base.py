@@ -55,6 +55,9 @@ class RetainTerm:
     state_weight: str | None = (
         None  # the weight is `weight * state[state_weight]` (a dual variable)
     )
+    # what the term averages over ("token": NLL and KL; "sequence"), so that processes holding
+    # parts of a batch weigh their parts as the whole batch's mean would (`schedule.shard`)
+    mean_over: str = "token"
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ class Method:
         applied after the last step; the loop keeps a CPU copy of the start only for such methods.
     prepare: (params, tokenizer) -> a value the loss reads as `LossInputs.prepared`, computed
         once before training (WHP's anchored terms as token ids).
+    mean_over: "sequence" or "token", what the forget loss averages over (see the field).
     probe: (LossInputs, params) -> a loss on the same batch that is never minimised: its gradient
         is what the "uno"/"uno_s" gradient modes keep the descent orthogonal to (UNO's L_f).
     """
@@ -228,6 +232,11 @@ class Method:
     finalize: FinalizeFn | None = None
     prepare: PrepareFn | None = None
     probe: ProbeFn | None = None
+    # what the forget loss averages over: "sequence" (NPO, DPO: a mean of per-sequence terms),
+    # "token" (NLL-like: a mean over the batch's answer tokens), or (sequence, params) -> how many
+    # of its tokens the mean counts. Data-parallel and sharded runs weigh each process's part by
+    # it, so the result does not depend on the process count.
+    mean_over: Any = "sequence"
 
     def needs_retain(self, params: Any) -> bool:
         """Whether the loop must forward a retain batch (a declared retain term, weight != 0)."""

@@ -70,7 +70,14 @@ def ce_u_loss(inputs: LossInputs, params: CEUParams) -> tuple[torch.Tensor, dict
     return forget, logs
 
 
+def counted_tokens(item, params: CEUParams) -> int:
+    """Answer tokens the forget mean counts: all but each example's first n."""
+    n = sum(1 for x in item.labels[1:] if x != losses.IGNORE_INDEX)
+    return max(n - params.ignore_first_n_answer_tokens, 0)
+
+
 METHOD = Method(
+    mean_over=counted_tokens,  # a mean over answer tokens, the first n of each left out
     name="ce_u",
     summary="cross-entropy towards the model's own distribution with the answer token removed",
     params=CEUParams,

@@ -31,6 +31,7 @@ def finetune_loss(
 
 
 METHOD = Method(
+    mean_over="token",  # its forget loss averages over answer tokens
     name="finetune",
     summary="plain NLL fine-tuning on the given data (used by `unlearn finetune`)",
     params=FinetuneParams,

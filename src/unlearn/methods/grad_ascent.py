@@ -31,6 +31,7 @@ def grad_ascent_loss(
 
 
 METHOD = Method(
+    mean_over="token",  # its forget loss averages over answer tokens
     name="grad_ascent",
     summary="gradient ascent on the forget set (maximise its NLL; no retain term)",
     params=GradAscentParams,

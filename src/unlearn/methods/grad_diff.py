@@ -44,6 +44,7 @@ def grad_diff_loss(
 
 
 METHOD = Method(
+    mean_over="token",  # its forget loss averages over answer tokens
     name="grad_diff",
     summary="gradient ascent on the forget set plus NLL or KL on the retain set",
     params=GradDiffParams,

@@ -64,6 +64,7 @@ def refusals_for(examples: Sequence[Any], path: str | None, seed: int, method: s
 
 
 METHOD = Method(
+    mean_over="token",  # its forget loss averages over answer tokens
     name="idk_nll",
     summary="NLL toward refusals on forget questions, plus a retain term (TOFU's and GRIN's PO)",
     params=IdkNLLParams,

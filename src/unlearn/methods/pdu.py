@@ -109,6 +109,7 @@ def pdu_update_state(
 
 
 METHOD = Method(
+    mean_over="token",  # its forget loss averages over answer tokens
     name="pdu",
     summary="logit-margin flattening with retain NLL <= eps enforced by a dual variable",
     params=PDUParams,

@@ -125,6 +125,7 @@ def rmu_needs(params: RMUParams) -> Needs:
             weight=params.alpha,
             kind="rmu_activation",
             loss=partial(retain_activation_term, layer=params.layer),
+            mean_over="sequence",  # a mean of per-sequence activation errors
         )
     return Needs(
         retain=retain,

@@ -71,6 +71,7 @@ def satimp_loss(inputs: LossInputs, params: SatImpParams) -> tuple[torch.Tensor,
 
 
 METHOD = Method(
+    mean_over="token",  # its forget loss averages over answer tokens
     name="satimp",
     summary="gradient ascent with tokens weighted by p**beta1 * (1-p)**beta2, plus a retain term",
     params=SatImpParams,

@@ -82,6 +82,7 @@ def negate_task_vector(
 
 
 METHOD = Method(
+    mean_over="token",  # its forget loss averages over answer tokens
     name="task_vector",
     summary="fine-tune on the forget data, then subtract alpha times the weight change",
     params=TaskVectorParams,

@@ -78,6 +78,7 @@ def undial_loss(inputs: LossInputs, params: UNDIALParams) -> tuple[torch.Tensor,
 
 
 METHOD = Method(
+    mean_over="token",  # its forget loss averages over answer tokens
     name="undial",
     summary="self-distillation towards the starting model with the answer token's logit lowered",
     params=UNDIALParams,

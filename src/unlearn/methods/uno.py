@@ -104,6 +104,7 @@ def uno_needs(params: Any, gradients: str) -> Needs:
 
 
 METHOD = Method(
+    mean_over="token",  # its forget loss averages over answer tokens
     name="uno",
     summary="descend a refusal substitute and the retain loss, their gradient kept orthogonal to the forget gradient",
     params=UNOParams,

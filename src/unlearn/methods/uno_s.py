@@ -46,6 +46,7 @@ class UNOSParams:
 
 
 METHOD = Method(
+    mean_over="token",  # its forget loss averages over answer tokens
     name="uno_s",
     summary="UNO steps alternating with steps along the substitute+retain gradient projected off the forget gradient",
     params=UNOSParams,

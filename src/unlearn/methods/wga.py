@@ -67,6 +67,7 @@ def wga_loss(inputs: LossInputs, params: WGAParams) -> tuple[torch.Tensor, dict[
 
 
 METHOD = Method(
+    mean_over="token",  # its forget loss averages over answer tokens
     name="wga",
     summary="gradient ascent with tokens weighted by their probability p**beta, plus a retain term",
     params=WGAParams,

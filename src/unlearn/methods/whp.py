@@ -219,6 +219,7 @@ def whp_prepare(params: WHPParams, tokenizer) -> AnchorMap | None:
 
 
 METHOD = Method(
+    mean_over="token",  # its forget loss averages over answer tokens
     name="whp",
     summary="fine-tune on generic labels: start logits minus alpha times a reinforced model's gain",
     params=WHPParams,

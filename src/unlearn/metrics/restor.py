@@ -184,12 +184,10 @@ def score_restor(
         metrics[f"{key}_accuracy_change"] = mine - was
         if not restore:
             continue
-        ratios = {
+        c, k, u = (_nanmean(probes[w]["correct"][chosen]) for w in ("clean", "corrupted", "self"))
+        ratios: dict[str, tuple[float | None, float | None, float | None, float]] = {
             f"{key}_restoration": (was, bad, mine, 1.0 / (2 * n)),  # under one fact's worth
-            f"{key}_probe_restoration": (
-                *(_nanmean(probes[w]["correct"][chosen]) for w in ("clean", "corrupted", "self")),
-                1e-3,
-            ),
+            f"{key}_probe_restoration": (c, k, u, 1e-3),
         }
         for ratio, (c, k, u, gap) in ratios.items():
             value, why = restoration(c, k, u, gap)

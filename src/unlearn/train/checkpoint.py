@@ -112,6 +112,7 @@ def save_checkpoint(
     step: int,
     fingerprint: dict[str, Any],
     method_state: dict[str, float] | None = None,
+    shard_save: Any = None,
 ) -> Path:
     """Write `step-N` atomically (staging folder, then rename), then drop older checkpoints only.
 
@@ -127,6 +128,8 @@ def save_checkpoint(
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging), safe_serialization=True)
+    if shard_save is not None:  # FSDP2: every process writes its shards (torch DCP)
+        shard_save(staging)
     if accelerator.is_main_process:
         progress: dict[str, Any] = {"step": step, "config": fingerprint}
         if method_state:
@@ -150,6 +153,14 @@ def truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
     return [r for r in kept if "step" in r]
+
+
+def read_log(path: Path, step: int) -> list[dict[str, Any]]:
+    """The step records of the log up to `step` (what `truncate_log` keeps)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "step" in r and r["step"] <= step]
 
 
 def apply_allowed(changes: dict[str, Any], optimizer, scheduler) -> None:

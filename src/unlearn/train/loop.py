@@ -148,8 +148,11 @@ _EXIT_HOOKED = False
 
 
 def _save(run: RunState, completed: int) -> Path:
+    from unlearn.train import sharding
+
+    shards = (lambda folder: sharding.save(run, folder)) if run.cfg.sharding == "fsdp2" else None
     return ckpt_io.save_checkpoint(
-        run.accelerator, run.output, completed, run.fingerprint, run.state or None
+        run.accelerator, run.output, completed, run.fingerprint, run.state or None, shards
     )
 
 

@@ -16,6 +16,7 @@ import torch
 from unlearn.config import TrainConfig
 from unlearn.errors import UnlearnError
 from unlearn.methods.base import Method
+from unlearn.train import sharding
 from unlearn.train.state import Masked, RunState
 
 
@@ -60,7 +61,8 @@ def masks(
                 f"{source}: mask for {name} has shape {tuple(mask.shape)}, "
                 f"the parameter {tuple(p.shape)}"
             )
-        out.append(Masked(p, mask.to(device=p.device, dtype=p.dtype)))
+        mask = sharding.like(mask.to(device=p.device, dtype=p.dtype), p)  # sharded as p is
+        out.append(Masked(p, mask))
     return out, frozen
 
 

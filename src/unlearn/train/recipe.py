@@ -91,7 +91,11 @@ def execute(
     clock = Clock()
     resolved = resolve_model(cfg.model)
     model_dir = resolved.path if resolved.kind == "local" else None
-    out = prepare_output(cfg.output, model_dir, cfg.overwrite, cfg.resume)
+    ranks = _ranks(cfg)  # under torchrun every process runs this; one writes the output folder
+    if ranks.is_main_process:
+        out = prepare_output(cfg.output, model_dir, cfg.overwrite, cfg.resume)
+    ranks.wait_for_everyone()
+    out = Path(cfg.output).expanduser()
     settings = _resume_settings(cfg)
     if cfg.resume:  # before anything is written: a refused resume leaves the folder as it was
         check_resume_settings(out, settings)
@@ -138,7 +142,8 @@ def execute(
         )
         model = adapters.wrap(model, cfg.lora, targets)
     config_text = yaml.safe_dump(resolved_config(cfg, plan.params), sort_keys=False)
-    atomic_write_text(out / CONFIG_FILE, config_text)
+    if ranks.is_main_process:
+        atomic_write_text(out / CONFIG_FILE, config_text)
     job = TrainJob(
         model, method, plan.params, seqs.forget, cfg.train, out, pad_id,
         retain=seqs.retain, second=seqs.second, resume=cfg.resume,
@@ -161,14 +166,22 @@ def execute(
     clock.lap("nll_check")
 
     adapter = None
+    # a sharded model is gathered whole (every process takes part); one process writes it
+    state = None
+    if cfg.train.sharding == "fsdp2":
+        from unlearn.train.sharding import full_state_dict
+
+        state = full_state_dict(model)
     if cfg.model.adapter == "lora":
         from unlearn import adapters
         from unlearn.models import local_folder
 
         adapter = {**adapters.describe(model), "merged": cfg.merge}
-        model = adapters.save(model, tokenizer, out, local_folder(resolved, cfg.model), cfg.merge)
-    else:
-        save_model(model, tokenizer, out)
+        if ranks.is_main_process:
+            source = local_folder(resolved, cfg.model)
+            model = adapters.save(model, tokenizer, out, source, cfg.merge, state)
+    elif ranks.is_main_process:
+        save_model(model, tokenizer, out, state)
     metrics: dict[str, Any] = {"steps": result.steps, "final_losses": result.final_logs}
     if nll_check:
         metrics["nll_before"] = before or None
@@ -178,10 +191,22 @@ def execute(
     clock.lap("save")
     clock.seconds["reference"] = round(result.reference_seconds, 2)  # part of "train"
     manifest["wall_seconds"] = clock.total()
-    atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the run finished
-    if not cfg.train.keep_checkpoints:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    if ranks.is_main_process:
+        atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the run finished
+        if not cfg.train.keep_checkpoints:
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    ranks.wait_for_everyone()
     return RunResult(output=out, metrics=metrics, manifest=manifest)
+
+
+def _ranks(cfg: RunConfig):
+    """This launch's processes (one, or torchrun's): who writes, and a barrier. On CPU, accelerate
+    must be told so (as the training loop's Accelerator is) to see torchrun's processes."""
+    from accelerate import PartialState
+
+    from unlearn.models import pick_device
+
+    return PartialState(cpu=pick_device(cfg.model).type == "cpu")
 
 
 def _resume_settings(cfg: RunConfig) -> dict[str, Any]:

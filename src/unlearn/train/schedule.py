@@ -51,17 +51,23 @@ def retain_stream(n_retain: int, count: int, size: int, seed: int) -> list[list[
     return out
 
 
-def shard(idx: list[int], rank: int, world: int) -> tuple[list[int], float]:
+def shard(
+    idx: list[int], rank: int, world: int, sizes: list[int] | None = None
+) -> tuple[list[int], float]:
     """This process's part of a global micro-batch, and the weight that keeps the global mean.
 
-    Data-parallel training averages the processes' gradients, so a process holding b_r of the B
-    examples must weigh its per-example-mean loss by world * b_r / B for the average to be the
-    loss of the whole micro-batch. A process with no example (B < world) still runs one example,
-    with weight 0, so that every process takes part in the gradient all-reduce. Exact for losses
-    that average over examples; losses that average over tokens (NLL) are exact when the shards
-    hold equally many answer tokens, as in Hugging Face's Trainer.
+    Data-parallel (and sharded) training averages the processes' gradients, so a process must
+    weigh its part's mean loss by world * (its share of what the loss averages over): of the
+    examples for a per-example mean (NPO), of the answer tokens for a per-token mean (NLL;
+    `sizes[i]` = example i's answer tokens). Then the average is the whole micro-batch's loss, and
+    the result does not depend on the number of processes. A process with no example (B < world)
+    still runs one example, with weight 0, so that every process takes part in the reduction.
     """
     mine = idx[rank::world]
     if not mine:
         return idx[:1], 0.0
+    if sizes is not None:
+        total = sum(sizes[i] for i in idx)
+        if total > 0:
+            return mine, world * sum(sizes[i] for i in mine) / total
     return mine, world * len(mine) / len(idx)

@@ -4,6 +4,7 @@ restore a checkpoint on `--resume`."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ from unlearn.errors import UnlearnError
 from unlearn.methods.base import Method, Needs
 from unlearn.train import checkpoint as ckpt_io
 from unlearn.train import hidden as hidden_io
-from unlearn.train import optim
+from unlearn.train import optim, sharding
 from unlearn.train.checkpoint import latest_checkpoint
 from unlearn.train.job import LOG_FILE, TrainJob
 from unlearn.train.reference import frozen_copy, reference_values
@@ -42,6 +43,8 @@ def build(job: TrainJob) -> RunState:
     needs = method.needs(job.params)
     check_data(method, needs, job.forget, job.retain, job.second)
     check_needs(method, needs, model, accelerator)
+    sharded = cfg.sharding == "fsdp2"
+    sharding.check(cfg, accelerator, method, needs, job.anchor)
     perturbed = None
     if job.perturb is not None and job.reference == "after":
         perturbed = job.perturb(model)
@@ -61,12 +64,17 @@ def build(job: TrainJob) -> RunState:
     )
     # adapters go where a method that chooses its parameters would train (`adapters.wrap`)
     adapted = adapters.is_adapted(model)
-    masked, frozen = ([], []) if adapted else optim.masks(method, job.params, model, job.mask)
     if cfg.gradient_checkpointing:
         checkpointing(model, True)
+    if sharded:  # after the starting model's values: they were taken from the whole model
+        sharding.shard(model)
+    masked, frozen = ([], []) if adapted else optim.masks(method, job.params, model, job.mask)
     opt = optim.optimizer(model, cfg, masked)
     sched = optim.scheduler(opt, cfg, len(steps))
-    prepared_model, opt, sched = accelerator.prepare(model, opt, sched)
+    if sharded:  # torch shards and reduces; accelerate places nothing and wraps nothing
+        prepared_model = model
+    else:
+        prepared_model, opt, sched = accelerator.prepare(model, opt, sched)
     ckpt_io.register_hooks(accelerator)
     for m in masked:
         m.mask = m.mask.to(m.param.device)
@@ -135,11 +143,20 @@ def start_values(job: TrainJob, needs: Needs, accelerator) -> StartValues:
         view = adapters.DisabledAdapters(model)
         out.model = view if needs.reference_model else None
         out.hidden = view if needs.reference_hidden_layers else None
+    sharded = cfg.sharding == "fsdp2"
     if needs.reference_model and not adapted:
-        out.model = frozen_copy(model, accelerator)
+        out.model = (
+            sharding.shard(copy.deepcopy(model).eval().requires_grad_(False))
+            if sharded
+            else frozen_copy(model, accelerator)
+        )
     if needs.reference_hidden_layers and not adapted:
         truncated = hidden_io.truncated_copy(model, max(needs.reference_hidden_layers))
-        out.hidden = accelerator.prepare_model(truncated, evaluation_mode=True)
+        out.hidden = (
+            sharding.shard(truncated)
+            if sharded
+            else accelerator.prepare_model(truncated, evaluation_mode=True)
+        )
     if job.method.finalize is not None:
         # with adapters, the delta's negation is the B matrices' (see `unlearn.adapters`)
         names = set(adapters.delta_names(model)) if adapted else None
@@ -197,9 +214,9 @@ def refuse_unsupported(accelerator) -> None:
     kind = accelerator.distributed_type
     if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise UnlearnError(
-            f"training under {kind.value} is not supported yet (untested: the forget and retain "
-            "terms are backpropagated separately); run `accelerate launch` with plain "
-            "multi-GPU/CPU data parallelism (DDP) instead"
+            f"accelerate's {kind.value} plugin is not supported; for sharded training launch "
+            "plain processes (`torchrun --nproc_per_node N -m unlearn.cli forget ...` or "
+            "`accelerate launch --multi_gpu`) with train.sharding=fsdp2"
         )
 
 
@@ -241,10 +258,18 @@ def restore(run: RunState, resume: bool) -> tuple[int, int | None, list[dict[str
     progress = ckpt_io.read_progress(ckpt)
     changes = ckpt_io.check_resume(progress.get("config"), run.fingerprint, ckpt)
     run.accelerator.load_state(str(ckpt))
+    if run.cfg.sharding == "fsdp2":
+        sharding.load(run, ckpt)
+        for _ in range(step):  # the plain scheduler (not accelerate's) restarts from its lambda
+            run.scheduler.step()
     if "method_state" in progress:
         run.state = {k: float(v) for k, v in progress["method_state"].items()}
     ckpt_io.apply_allowed(changes, run.optimizer, run.scheduler)
-    history = ckpt_io.truncate_log(run.log_path, step)
+    # one process rewrites the log (the others would race on its temporary file), then all read it
+    if run.accelerator.is_main_process:
+        ckpt_io.truncate_log(run.log_path, step)
+    run.accelerator.wait_for_everyone()
+    history = ckpt_io.read_log(run.log_path, step)
     if changes:
         note = ", ".join(f"{k}={v!r}" for k, v in changes.items())
         log.warning("resuming from step %d with changed settings: %s", step, note)

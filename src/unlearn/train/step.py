@@ -17,7 +17,7 @@ import torch
 
 from unlearn.methods.base import LossInputs, StepInfo
 from unlearn.methods.retain import declared_value, declared_weight
-from unlearn.train import gradients, optim
+from unlearn.train import gradients, optim, sharding
 from unlearn.train.batches import forward, start_hidden, start_logits
 from unlearn.train.reference import batch_values
 from unlearn.train.schedule import shard
@@ -127,7 +127,8 @@ def retain_loss(run: RunState, mine: list[int], logs: dict) -> torch.Tensor:
 
 def forget_pass(run: RunState, idx, n_micro: int, bad: list[str], sync: bool) -> dict[str, float]:
     """Forward the forget (and second-answer) batch, backpropagate the method's forget loss."""
-    mine, weight = shard(idx, run.accelerator.process_index, run.accelerator.num_processes)
+    sizes = forget_sizes(run) if run.accelerator.num_processes > 1 else None
+    mine, weight = shard(idx, run.accelerator.process_index, run.accelerator.num_processes, sizes)
     loss, terms, _ = forget_loss(run, mine)
     check_finite(loss, "loss", bad)
     backward(run, loss * (weight / n_micro), sync)
@@ -138,11 +139,30 @@ def retain_pass(
     run: RunState, r_idx, n_micro: int, logs: dict, bad: list[str], sync: bool
 ) -> float:
     """weight * the declared retain term on its own batch, in a backward pass of its own."""
-    mine, share = shard(r_idx, run.accelerator.process_index, run.accelerator.num_processes)
+    term = run.needs.retain
+    tokens = term is not None and term.mean_over == "token" and run.retain is not None
+    sizes = answer_tokens(run.retain) if tokens and run.accelerator.num_processes > 1 else None
+    mine, share = shard(r_idx, run.accelerator.process_index, run.accelerator.num_processes, sizes)
     loss = retain_loss(run, mine, logs)
     check_finite(loss, "retain loss", bad)
     backward(run, loss * (share / n_micro), sync)
     return float(loss.detach())
+
+
+def answer_tokens(items) -> list[int]:
+    """Each sequence's scored tokens (labels after the first position), what token means count;
+    only needed when several processes share a batch."""
+    return [sum(1 for x in it.labels[1:] if x != -100) for it in items]
+
+
+def forget_sizes(run: RunState) -> list[int] | None:
+    """What each forget sequence counts for in the method's mean (`Method.mean_over`)."""
+    how = run.method.mean_over
+    if how == "sequence":
+        return None
+    if how == "token":
+        return answer_tokens(run.forget)
+    return [int(how(item, run.params)) for item in run.forget]
 
 
 def check_finite(value: torch.Tensor, name: str, bad: list[str]) -> None:
@@ -172,7 +192,7 @@ def finish_gradients(run: RunState, step: int, bad: list[str]) -> float:
     flag = torch.tensor([float(bool(bad))], device=run.accelerator.device)
     if run.accelerator.num_processes > 1:
         flag = run.accelerator.reduce(flag, reduction="sum")
-    grad_norm = float(norm)
+    grad_norm = float(sharding.local(norm))  # a sharded run's norm is a DTensor
     if bad or flag.item() > 0 or not torch.isfinite(torch.tensor(grad_norm)):
         run.optimizer.zero_grad(set_to_none=True)
         raise Diverged(step, bad[0] if bad else f"gradient norm is {grad_norm}")
