@@ -328,3 +328,21 @@ def test_checkpoint_weights_are_safetensors(target_dir, qa_files, tmp_path):
     assert (ckpt / "model.safetensors").is_file()  # optimizer/RNG: weights-only loads
     assert not list(ckpt.glob("pytorch_model*"))
     assert "model.embed_tokens.weight" in load_file(str(ckpt / "model.safetensors"))
+
+
+@pytest.mark.slow  # two child processes
+def test_gpu_check_script_runs_on_cpu_with_tiny_shapes():
+    """benchmarks/gpu_check.py (the GPU check) runs end to end here with --tiny shapes, so the
+    script a GPU session runs once is not first run there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--tiny", "--cases", "lora_npo_7b_bf16"],
+        cwd=root, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["case"] == "lora_npo_7b_bf16" and row["trainable"] > 0 and row["s_per_step"] > 0
