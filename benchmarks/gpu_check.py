@@ -57,7 +57,7 @@ def _peak_mib() -> float:
 def build_model(folder: Path, shape: dict, tiny: bool) -> int:
     """A random-weight Llama of `shape` with SmolLM2's tokenizer, saved in `folder`; its size."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from unlearn.config import ModelConfig
     from unlearn.models import load_model_and_tokenizer
@@ -70,7 +70,7 @@ def build_model(folder: Path, shape: dict, tiny: bool) -> int:
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     model.save_pretrained(folder, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tok.name_or_path).save_pretrained(folder)
+    tok.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
 
 

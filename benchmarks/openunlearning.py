@@ -106,8 +106,6 @@ OU_FIX = (
 OU_MODEL = "SmolLM2-135M-Instruct"  # a model config written into the cache tree at run time
 OU_TRAINERS = {"npo": "NPO", "grad_diff": "GradDiff", "grad_ascent": "GradAscent"}
 METHODS = tuple(OU_TRAINERS)
-# our variants (LoRA, gradient checkpointing) against its plain NPO; not in the default list
-OU_TRAINERS.update({"npo_gc": "NPO", "npo_lora": "NPO", "npo_lora_gc": "NPO"})
 BATCH = 4
 LR = 1e-5
 WEIGHT_DECAY = 0.01  # OpenUnlearning's TOFU experiment; unlearn's default too
@@ -122,6 +120,8 @@ VARIANTS = {
     "npo_lora_gc": ("npo", ["model.adapter=lora", GC]),
 }
 MEM_GOALS = {"npo_lora": 0.40, "npo_lora_gc": 0.40}
+# our variants against OpenUnlearning's plain trainer of their method; not in the default list
+OU_TRAINERS.update({name: OU_TRAINERS[base] for name, (base, _) in VARIANTS.items()})
 HF_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 NOTES = [
     "OU NPO holds a second full model as reference and runs it every step; ours computes the "

@@ -384,42 +384,34 @@ CLI_EXTRA = {
 }
 
 
+@pytest.mark.parametrize("adapter", ["none", "lora"])
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_runs_from_the_command_line(name, capsys, tiny_model_dir, qa_files, tmp_path):
+def test_every_method_runs_from_the_command_line(
+    name, adapter, capsys, tiny_model_dir, qa_files, tmp_path
+):
+    """Every method, on the weights and with LoRA adapters (then only the adapter is written, and
+    every adapter's B moved: two steps, since A's gradient is 0 while B is)."""
+    from safetensors.torch import load_file
+
     assert set(CLI_EXTRA) <= set(METHODS)
     forget, retain = qa_files
     rows = [json.loads(line) for line in forget.read_text().splitlines()]
     # dpo's preferred answers: a column that every other method ignores
     forget = write_jsonl(tmp_path / "f.jsonl", [{**r, "preferred": "I cannot say."} for r in rows])
     out = tmp_path / name
+    lora = ["model.adapter=lora", "train.max_steps=2", "train.lr=1e-2", "train.nll_check=false"]
     code, _, err = run(
         capsys, "forget", "--model", str(tiny_model_dir), "--forget", str(forget),
         "--retain", str(retain), "--method", name, "--output", str(out),
-        "train.progress=false", "train.batch_size=2", "train.max_steps=1", *CLI_EXTRA.get(name, []),
+        "train.progress=false", "train.batch_size=2", "train.max_steps=1",
+        *(lora if adapter == "lora" else []), *CLI_EXTRA.get(name, []),
     )  # fmt: skip
     assert code == 0, err
-    assert (out / "model.safetensors").is_file()
     manifest = json.loads((out / "unlearn.json").read_text())
     assert manifest["method"] == name
-
-
-@pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_runs_with_lora_adapters(name, capsys, tiny_model_dir, qa_files, tmp_path):
-    """The same with model.adapter=lora: only the adapter is written, and it changed."""
-    from safetensors.torch import load_file
-
-    forget, retain = qa_files
-    rows = [json.loads(line) for line in forget.read_text().splitlines()]
-    forget = write_jsonl(tmp_path / "f.jsonl", [{**r, "preferred": "I cannot say."} for r in rows])
-    out = tmp_path / name
-    code, _, err = run(
-        capsys, "forget", "--model", str(tiny_model_dir), "--forget", str(forget),
-        "--retain", str(retain), "--method", name, "--output", str(out), "model.adapter=lora",
-        "train.progress=false", "train.batch_size=2", "train.max_steps=2", "train.lr=1e-2",
-        "train.nll_check=false", *CLI_EXTRA.get(name, []),
-    )  # fmt: skip
-    assert code == 0, err
-    assert not (out / "model.safetensors").exists()
-    lora = load_file(str(out / "adapter_model.safetensors"))
-    assert any((v != 0).any() for k, v in lora.items() if "lora_B" in k)
-    assert json.loads((out / "unlearn.json").read_text())["adapter"]["kind"] == "lora"
+    if adapter == "none":
+        assert (out / "model.safetensors").is_file() and manifest["adapter"] is None
+        return
+    assert not (out / "model.safetensors").exists() and manifest["adapter"]["kind"] == "lora"
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert all((v != 0).any() for k, v in weights.items() if "lora_B" in k)

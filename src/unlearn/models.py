@@ -305,7 +305,7 @@ def _load_adapter(
         raise UnlearnError(
             f"the base model of adapter folder {folder} ({exc}); pass model.base=MODEL"
         ) from None
-    adapters.check_base(folder, spec, recorded, _source_sha(base, base_cfg))
+    adapters.check_base(folder, spec, recorded, source_sha256(base, cache_root(base_cfg)))
     if base.adapter and depth >= 16:
         raise UnlearnError(f"adapter folder {folder} stacks more than 16 adapters; merge some")
     if base.adapter:
@@ -318,12 +318,14 @@ def _load_adapter(
     return adapters.merge_into(model, folder), tokenizer, resolved
 
 
-def _source_sha(resolved: ResolvedModel, cfg: ModelConfig) -> str | None:
-    """The sha256 a run's manifest records for this model (`train.manifest.base_model_record`)."""
+def source_sha256(resolved: ResolvedModel, cache: Path | None = None) -> str | None:
+    """The sha256 that identifies a model's files: the GGUF file of an alias or .gguf, the weight
+    and config files of a local folder, None for a hub id (its id and revision identify it).
+    What a run's manifest records as its base and what evaluations are reused by."""
     if resolved.kind in ("alias", "gguf"):
-        return file_sha256(resolved.path, cache_root(cfg))
+        return file_sha256(resolved.path, cache)
     if resolved.kind == "local":
-        return hash_model_files(resolved.path, cache_root(cfg))
+        return hash_model_files(resolved.path, cache)
     return None
 
 

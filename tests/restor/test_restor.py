@@ -423,16 +423,22 @@ def test_python_api_eval_with_targets_only(tiny_model_dir, facts_file, tmp_path)
     assert "target_probe_corrupted" not in res["metrics"]  # no documents: no corrupted answers
 
 
-@pytest.mark.slow  # the whole pipeline from the command line
-def test_restor_command_runs_every_stage(capsys, tiny_model_dir, facts_file, tmp_path):
-    out = tmp_path / "run"
-    fast = "[train.max_steps=1, train.progress=false]"
-    code, stdout, err = run(
-        capsys, "restor", "--model", str(tiny_model_dir), "--facts", str(facts_file),
+def _restor_command(capsys, model, facts_file, out, train: str = "") -> tuple[int, str, str]:
+    """`unlearn restor` at the smallest sizes: one target, NPO, 1 step per training stage (plus
+    `train`, more settings of both training stages)."""
+    fast = f"[train.max_steps=1, train.progress=false{', ' + train if train else ''}]"
+    return run(
+        capsys, "restor", "--model", str(model), "--facts", str(facts_file),
         "--targets", "Ada Stone", "--entities", ";".join(PEOPLE[:4]), "--methods", "npo",
         "-s", f"corrupt.overrides={fast}", "-s", f"unlearn.overrides={fast}",
         "-s", "eval.max_new_tokens=2", "-s", "docs_per_entity=2", "--output", str(out),
     )  # fmt: skip
+
+
+@pytest.mark.slow  # the whole pipeline from the command line
+def test_restor_command_runs_every_stage(capsys, tiny_model_dir, facts_file, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = _restor_command(capsys, tiny_model_dir, facts_file, out)
     assert code == 0, err
     assert f"saved: {out}/report/report.md" in stdout and "unlearn_npo" in stdout
     summary = json.loads((out / "report" / "summary.json").read_text())
@@ -447,13 +453,8 @@ def test_restor_corrupts_and_unlearns_with_lora_adapters(
     """RESTOR's paper corrupts with LoRA: both training stages as adapters, each loading on the
     one before it (clean -> corrupted adapter -> unlearned adapter)."""
     out = tmp_path / "run"
-    fast = "[train.max_steps=1, train.progress=false, model.adapter=lora, train.lr=1e-3]"
-    code, _, err = run(
-        capsys, "restor", "--model", str(tiny_model_dir), "--facts", str(facts_file),
-        "--targets", "Ada Stone", "--entities", ";".join(PEOPLE[:4]), "--methods", "npo",
-        "-s", f"corrupt.overrides={fast}", "-s", f"unlearn.overrides={fast}",
-        "-s", "eval.max_new_tokens=2", "-s", "docs_per_entity=2", "--output", str(out),
-    )  # fmt: skip
+    lora = "model.adapter=lora, train.lr=1e-3"
+    code, _, err = _restor_command(capsys, tiny_model_dir, facts_file, out, lora)
     assert code == 0, err
     for stage in ("corrupted", "npo"):
         folder = out / "models" / stage

@@ -1,6 +1,7 @@
 """FSDP2 (`train.sharding=fsdp2`) on two CPU processes (gloo) trains to the weights of one plain
 process on the same global batches: NPO with a KL retain term (cached reference values and a
-sharded frozen reference), GradDiff, a masked (GRIN-style) run and a LoRA run; an interrupted
+sharded frozen reference), GradDiff, a masked (GRIN-style) run, a LoRA run, RMU (a sharded
+truncated reference), a task vector (the starting weights laid out as the shards) and WHP; an interrupted
 sharded run resumes from its torch.distributed.checkpoint shards to the same weights. A sharded
 run without a multi-process launch is a one-line error."""
 
@@ -128,7 +129,7 @@ def _run(script: Path, out: Path, variant: str, procs: int, sharding: str = "fsd
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-VARIANTS = ["npo_kl", "grad_diff", "masked", "lora", "resume"]
+VARIANTS = ["npo_kl", "grad_diff", "masked", "lora", "resume", "m:rmu", "m:task_vector", "m:whp"]
 
 
 @pytest.mark.slow

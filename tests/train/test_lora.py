@@ -146,8 +146,8 @@ def test_adapter_folder_evaluates_like_its_merged_model(target_dir, qa_files, tm
         assert code == 0
         results[name] = json.loads((tmp_path / f"ev_{name}" / "results.json").read_text())
     assert results["adapter"]["metrics"] == results["merged"]["metrics"]
-    base = AutoModelForCausalLM.from_pretrained(str(target_dir))
-    assert not torch.equal(base.lm_head.weight, model.lm_head.weight) or any(
+    base = AutoModelForCausalLM.from_pretrained(str(target_dir))  # the adapter changed the weights
+    assert any(
         not torch.equal(a, b) for a, b in zip(base.parameters(), model.parameters(), strict=True)
     )
 

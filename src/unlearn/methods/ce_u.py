@@ -72,8 +72,9 @@ def ce_u_loss(inputs: LossInputs, params: CEUParams) -> tuple[torch.Tensor, dict
 
 def counted_tokens(item, params: CEUParams) -> int:
     """Answer tokens the forget mean counts: all but each example's first n."""
-    n = sum(1 for x in item.labels[1:] if x != losses.IGNORE_INDEX)
-    return max(n - params.ignore_first_n_answer_tokens, 0)
+    from unlearn.train.schedule import answer_tokens
+
+    return max(answer_tokens([item])[0] - params.ignore_first_n_answer_tokens, 0)
 
 
 METHOD = Method(

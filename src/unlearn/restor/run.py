@@ -87,14 +87,9 @@ def parse_entities(spec: str | list[str] | None, where: str) -> list[str] | None
 # ---------------------------------------------------------------------------- evaluation
 def _model_sha(spec: str) -> str | None:
     from unlearn.config import ModelConfig
-    from unlearn.models import cache_root, file_sha256, hash_model_files, resolve_model
+    from unlearn.models import cache_root, resolve_model, source_sha256
 
-    resolved = resolve_model(ModelConfig(name=spec))
-    if resolved.kind in ("alias", "gguf"):
-        return file_sha256(resolved.path, cache_root())
-    if resolved.kind == "local":
-        return hash_model_files(resolved.path, cache_root())
-    return None
+    return source_sha256(resolve_model(ModelConfig(name=spec)), cache_root())
 
 
 def read_evaluation(folder: str | Path) -> dict[str, Any]:
@@ -105,9 +100,10 @@ def read_evaluation(folder: str | Path) -> dict[str, Any]:
         raise UnlearnError(
             f"{folder} is not a complete RESTOR evaluation ({exc}); rerun `unlearn restor eval`"
         ) from None
-    if results.get("benchmark") != "restor" or not records:
-        what = results.get("benchmark") or "unfinished"
-        raise UnlearnError(f"{folder} holds a {what} evaluation, not RESTOR")
+    if results.get("benchmark") != "restor":
+        raise UnlearnError(f"{folder} holds a {results.get('benchmark')} evaluation, not RESTOR")
+    if not records:
+        raise UnlearnError(f"{folder} has no records; rerun `unlearn restor eval`")
     return results
 
 

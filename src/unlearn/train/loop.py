@@ -159,9 +159,13 @@ def _save(run: RunState, completed: int) -> Path:
 def _finalize(run: RunState) -> None:
     """Replace the trained weights by the method's function of them and the start (task vectors)."""
     assert run.method.finalize is not None and run.start.weights is not None
+    from unlearn.train import sharding
+
     named = dict(run.accelerator.unwrap_model(run.model).named_parameters())
     trained = {n: named[n].detach() for n in run.start.weights}
-    new = run.method.finalize(run.start.weights, trained, run.params)
+    # the start was copied whole; a sharded parameter gets it laid out as itself
+    start = {n: sharding.like(w.to(named[n].dtype), named[n]) for n, w in run.start.weights.items()}
+    new = run.method.finalize(start, trained, run.params)
     with torch.no_grad():
         for name, weight in new.items():
             named[name].copy_(weight.to(named[name].device, named[name].dtype))

@@ -15,17 +15,14 @@ from unlearn.data import Example, dataset_hash, manifest_entries
 LOCALIZATION_DIR = "localization"
 
 
-def base_model_record(resolved, source: str, cache: Path) -> dict[str, Any]:
-    from unlearn.models import file_sha256, hash_model_files
+def base_model_record(resolved, cache: Path) -> dict[str, Any]:
+    from unlearn.models import source_sha256
 
     record: dict[str, Any] = {"spec": resolved.spec, "kind": resolved.kind}
+    record["sha256"] = source_sha256(resolved, cache)
     if resolved.kind in ("alias", "gguf"):
-        record["sha256"] = file_sha256(resolved.path, cache)
         record["hashed"] = Path(resolved.path).name
-    elif resolved.kind == "local":
-        record["sha256"] = hash_model_files(source, cache)
-    else:
-        record["sha256"] = None
+    elif resolved.kind == "hub":
         record["note"] = "hub model: identified by id and revision"
     return record
 

@@ -93,7 +93,7 @@ def execute(
     model_dir = resolved.path if resolved.kind == "local" else None
     ranks = _ranks(cfg)  # under torchrun every process runs this; one writes the output folder
     if ranks.is_main_process:
-        out = prepare_output(cfg.output, model_dir, cfg.overwrite, cfg.resume)
+        prepare_output(cfg.output, model_dir, cfg.overwrite, cfg.resume)
     ranks.wait_for_everyone()
     out = Path(cfg.output).expanduser()
     settings = _resume_settings(cfg)
@@ -242,10 +242,10 @@ def _noise(loc, cfg: RunConfig):
 
 
 def _manifest(plan: Plan, resolved, seqs: _Sequences, result, metrics, loc, clock, model, out):
-    from unlearn.models import cache_root, local_folder
+    from unlearn.models import cache_root
 
     cfg = plan.config
-    base = base_model_record(resolved, local_folder(resolved, cfg.model), cache_root(cfg.model))
+    base = base_model_record(resolved, cache_root(cfg.model))
     forget = data_record(cfg.forget, plan.forget)
     return {
         "command": plan.command,

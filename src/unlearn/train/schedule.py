@@ -7,9 +7,13 @@ run would, and every process of a multi-process run agrees on the global batch w
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from unlearn.config import TrainConfig
+from unlearn.losses import IGNORE_INDEX
+from unlearn.prompts import Tokenized
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -71,3 +75,18 @@ def shard(
         if total > 0:
             return mine, world * sum(sizes[i] for i in mine) / total
     return mine, world * len(mine) / len(idx)
+
+
+def answer_tokens(items: list[Tokenized]) -> list[int]:
+    """Each sequence's scored tokens (labels after the first position): what a token mean counts."""
+    return [sum(1 for x in it.labels[1:] if x != IGNORE_INDEX) for it in items]
+
+
+def mean_sizes(items: list[Tokenized] | None, mean_over: Any, params: Any) -> list[int] | None:
+    """What each sequence counts for in a loss that averages over `mean_over` ("sequence": None,
+    the default weighting; "token"; or a function (sequence, params) -> count), for `shard`."""
+    if items is None or mean_over == "sequence":
+        return None
+    if mean_over == "token":
+        return answer_tokens(items)
+    return [int(mean_over(item, params)) for item in items]

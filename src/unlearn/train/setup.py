@@ -23,7 +23,7 @@ from unlearn.train.checkpoint import latest_checkpoint
 from unlearn.train.job import LOG_FILE, TrainJob
 from unlearn.train.reference import frozen_copy, reference_values
 from unlearn.train.reinforce import reinforced_logits
-from unlearn.train.schedule import plan_steps, retain_stream
+from unlearn.train.schedule import mean_sizes, plan_steps, retain_stream
 from unlearn.train.state import RunState, StartValues
 
 log = logging.getLogger("unlearn")
@@ -44,7 +44,7 @@ def build(job: TrainJob) -> RunState:
     check_data(method, needs, job.forget, job.retain, job.second)
     check_needs(method, needs, model, accelerator)
     sharded = cfg.sharding == "fsdp2"
-    sharding.check(cfg, accelerator, method, needs, job.anchor)
+    sharding.check(cfg, accelerator, job.anchor)
     perturbed = None
     if job.perturb is not None and job.reference == "after":
         perturbed = job.perturb(model)
@@ -127,6 +127,12 @@ def build(job: TrainJob) -> RunState:
         share_prefix=share,
         pack=share and fwd.uses_sdpa(unwrapped),
         perturbed=perturbed,
+        forget_sizes=mean_sizes(job.forget, method.mean_over, job.params) if not one else None,
+        retain_sizes=(
+            mean_sizes(job.retain, needs.retain.mean_over, job.params)
+            if uses_retain and not one and needs.retain is not None
+            else None
+        ),
     )
 
 
@@ -179,7 +185,7 @@ def start_values(job: TrainJob, needs: Needs, accelerator) -> StartValues:
 
 def checkpointing(model, on: bool) -> None:
     """Turn gradient checkpointing on (non-reentrant: no inputs that require grad are needed, so
-    adapters train behind a frozen embedding) or off again after training."""
+    adapters behind a frozen embedding get gradients; tested) or off again after training."""
     inner = getattr(model, "module", model)
     if not on:
         if hasattr(inner, "gradient_checkpointing_disable"):
@@ -191,8 +197,6 @@ def checkpointing(model, on: bool) -> None:
             "train.gradient_checkpointing=false"
         )
     inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if adapters.is_adapted(inner):
-        inner.enable_input_require_grads()  # for reentrant checkpointing elsewhere (peft's rule)
 
 
 def check_needs(method: Method, needs: Needs, model, accelerator) -> None:

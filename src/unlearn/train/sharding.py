@@ -25,7 +25,7 @@ from unlearn.errors import UnlearnError
 DCP_DIR = "dcp"
 
 
-def check(cfg, accelerator, method, needs, anchor) -> None:
+def check(cfg, accelerator, anchor) -> None:
     """Refuse a sharded run that cannot work, in one line, before anything is sharded."""
     if cfg.sharding == "none":
         return
@@ -62,7 +62,7 @@ def is_dtensor(x: Any) -> bool:
 
 
 def like(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """A full-shape mask laid out (sharded) as `param` is."""
+    """A full-shape tensor (a mask, a starting weight) laid out (sharded) as `param` is."""
     if not is_dtensor(param):
         return mask
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -72,7 +72,7 @@ def like(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(mask.to(param.device), param.device_mesh, param.placements)
 
 
-def local(x: Any) -> Any:
+def full(x: Any) -> Any:
     """A DTensor's full value (a collective: every process calls it), else `x`."""
     return x.full_tensor() if is_dtensor(x) else x
 

@@ -65,6 +65,10 @@ class RunState:
     share_prefix: bool = False  # run a batch's common first tokens once
     pack: bool = False  # and the rest without padding
     perturbed: Any = None
+    # what each forget / retain sequence counts for in its loss's mean, when several processes
+    # share a batch (`schedule.shard`); None: count sequences
+    forget_sizes: list[int] | None = None
+    retain_sizes: list[int] | None = None
 
     @property
     def total(self) -> int:

@@ -127,8 +127,8 @@ def retain_loss(run: RunState, mine: list[int], logs: dict) -> torch.Tensor:
 
 def forget_pass(run: RunState, idx, n_micro: int, bad: list[str], sync: bool) -> dict[str, float]:
     """Forward the forget (and second-answer) batch, backpropagate the method's forget loss."""
-    sizes = forget_sizes(run) if run.accelerator.num_processes > 1 else None
-    mine, weight = shard(idx, run.accelerator.process_index, run.accelerator.num_processes, sizes)
+    acc = run.accelerator
+    mine, weight = shard(idx, acc.process_index, acc.num_processes, run.forget_sizes)
     loss, terms, _ = forget_loss(run, mine)
     check_finite(loss, "loss", bad)
     backward(run, loss * (weight / n_micro), sync)
@@ -139,30 +139,12 @@ def retain_pass(
     run: RunState, r_idx, n_micro: int, logs: dict, bad: list[str], sync: bool
 ) -> float:
     """weight * the declared retain term on its own batch, in a backward pass of its own."""
-    term = run.needs.retain
-    tokens = term is not None and term.mean_over == "token" and run.retain is not None
-    sizes = answer_tokens(run.retain) if tokens and run.accelerator.num_processes > 1 else None
-    mine, share = shard(r_idx, run.accelerator.process_index, run.accelerator.num_processes, sizes)
+    acc = run.accelerator
+    mine, share = shard(r_idx, acc.process_index, acc.num_processes, run.retain_sizes)
     loss = retain_loss(run, mine, logs)
     check_finite(loss, "retain loss", bad)
     backward(run, loss * (share / n_micro), sync)
     return float(loss.detach())
-
-
-def answer_tokens(items) -> list[int]:
-    """Each sequence's scored tokens (labels after the first position), what token means count;
-    only needed when several processes share a batch."""
-    return [sum(1 for x in it.labels[1:] if x != -100) for it in items]
-
-
-def forget_sizes(run: RunState) -> list[int] | None:
-    """What each forget sequence counts for in the method's mean (`Method.mean_over`)."""
-    how = run.method.mean_over
-    if how == "sequence":
-        return None
-    if how == "token":
-        return answer_tokens(run.forget)
-    return [int(how(item, run.params)) for item in run.forget]
 
 
 def check_finite(value: torch.Tensor, name: str, bad: list[str]) -> None:
@@ -192,7 +174,7 @@ def finish_gradients(run: RunState, step: int, bad: list[str]) -> float:
     flag = torch.tensor([float(bool(bad))], device=run.accelerator.device)
     if run.accelerator.num_processes > 1:
         flag = run.accelerator.reduce(flag, reduction="sum")
-    grad_norm = float(sharding.local(norm))  # a sharded run's norm is a DTensor
+    grad_norm = float(sharding.full(norm))  # a sharded run's norm is a DTensor
     if bad or flag.item() > 0 or not torch.isfinite(torch.tensor(grad_norm)):
         run.optimizer.zero_grad(set_to_none=True)
         raise Diverged(step, bad[0] if bad else f"gradient norm is {grad_norm}")

@@ -21,7 +21,7 @@ from typing import Any
 from unlearn.data import content_hash
 from unlearn.errors import UnlearnError
 from unlearn.eval.suites.builders import EvalSet, Suite
-from unlearn.metrics.restor import JUDGES
+from unlearn.metrics.restor import judge_of
 from unlearn.restor.facts import SHOTS, Fact, Facts, few_shot_prompt, shots_for
 
 #: What a RESTOR evaluation reports first.
@@ -53,11 +53,7 @@ class EvalSettings:
     judge: str = "contains"
 
     def check(self) -> None:
-        if self.judge not in JUDGES:
-            raise UnlearnError(
-                f"unknown judge '{self.judge}'; choose one of {', '.join(JUDGES)} (or pass a "
-                "function to the Python API)"
-            )
+        judge_of(self.judge)  # an unknown name: one line listing the judges
         for name in ("shots", "max_new_tokens", "max_answers", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise UnlearnError(f"restor eval setting {name} must be at least 1")
