@@ -62,3 +62,19 @@ def provenance(script: str, argv: list[str]) -> list[str]:
         f"- machine: {machine()}",
         f"- commit: {git_commit()}",
     ]
+
+
+def write_section(page: Path, title: str, key: str, lines: list[str]) -> None:
+    """Replace one script's section of a page several scripts write (between HTML comments named
+    by `key`), keeping the others; the page is created with `title` when missing."""
+    start, end = f"<!-- section:{key} -->", f"<!-- /section:{key} -->"
+    text = page.read_text() if page.is_file() else f"# {title}\n"
+    block = "\n".join([start, *lines, end])
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = page.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(page)

@@ -68,10 +68,12 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
     return list(names)
 
 
-def wrap(model: torch.nn.Module, settings: Any, targets: list[str] | None = None):
+def wrap(model: torch.nn.Module, settings: Any, targets: list[str] | None = None, seed: int = 0):
     """The model with LoRA adapters (peft), ready to train; only the adapters require grad.
 
-    `targets`: module names chosen by the method (used when `lora.target_modules` is the default)."""
+    `targets`: module names chosen by the method (used when `lora.target_modules` is the default).
+    The A matrices' random start is drawn from `seed` (the run's), not from whatever the global
+    generator holds, so two runs in one process start from the same adapters."""
     from peft import LoraConfig, get_peft_model
 
     wanted: str | list[str] = settings.target_modules
@@ -89,7 +91,9 @@ def wrap(model: torch.nn.Module, settings: Any, targets: list[str] | None = None
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return get_peft_model(model, config)
     except ValueError as exc:  # e.g. "all-linear" on a model without a known output layer
         first = (str(exc).splitlines() or ["?"])[0][:200]
         raise UnlearnError(

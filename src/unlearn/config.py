@@ -110,6 +110,13 @@ class TrainConfig:
         prompt prefix); the numbers are the same up to float rounding.
     sharding: "fsdp2" shards parameters, gradients and optimizer state over the processes of a
         torchrun launch (`unlearn.train.sharding`); "none" is plain data parallelism (DDP).
+    logits_chunk: answer positions per chunk of the output layer and its softmax (0: the whole
+        [batch, length, vocabulary] logits at once). Chunked, the loss terms and the reference
+        passes keep the last hidden states only and project `logits_chunk` answer positions at a
+        time, recomputing a chunk's logits in the backward pass (`losses.HeadLogits`): memory for
+        logits falls from 3 float32 copies of batch x length x vocabulary (logits, log-softmax,
+        gradient) to one chunk's, for one more output-layer matmul in the backward pass. Worth it
+        for long documents and large vocabularies; the numbers are the same up to float rounding.
     """
 
     epochs: int = 1
@@ -130,6 +137,7 @@ class TrainConfig:
     nll_check: bool = True
     gradient_checkpointing: bool = False
     sharding: Literal["none", "fsdp2"] = "none"
+    logits_chunk: int = 0
 
     def num_warmup_steps(self, total: int) -> int:
         """Warm-up optimizer steps for a run of `total`: `warmup_steps` wins over the ratio."""
@@ -460,6 +468,15 @@ def validate_train(train: TrainConfig) -> None:
         )
     if train.max_grad_norm < 0:
         raise UnlearnError("train.max_grad_norm must be >= 0 (0 disables clipping)")
+    if train.logits_chunk < 0:
+        raise UnlearnError(
+            f"train.logits_chunk must be >= 0 (0: no chunking; e.g. 1024), got {train.logits_chunk}"
+        )
+    if train.logits_chunk and train.sharding == "fsdp2":
+        raise UnlearnError(
+            "train.logits_chunk does not work with train.sharding=fsdp2 (the output layer's "
+            "weights are sharded outside the model's forward); set train.logits_chunk=0"
+        )
 
 
 def validate_adapter(cfg: RunConfig) -> None:

@@ -6,7 +6,9 @@ the same few non-default ways, and each needs the same probes of what a model's 
 * a KV cache (`past`, `cache_of`; transformers 5.2x renamed `past_key_values` to `cache`), so that
   tokens every row of a batch shares (chat template, system prompt) run once;
 * `logits_to_keep`, so the vocabulary projection runs only where a scored token is predicted;
-* packed rows: a batch's rows without padding in a single row, with a 4D mask (SDPA).
+* packed rows: a batch's rows without padding in a single row, with a 4D mask (SDPA);
+* the last hidden states instead of the logits (`HeadCapture`), for losses that project the
+  answer positions chunk by chunk (`losses.HeadLogits`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,44 @@ from unlearn.losses import IGNORE_INDEX
 
 #: Fewer shared first tokens than this are not worth a separate forward.
 MIN_SHARED = 4
+
+
+def output_layer(model: Any) -> Any:
+    """The module that turns the last hidden states into logits (under DDP, peft, a view)."""
+    inner = getattr(model, "module", model)
+    return inner.get_output_embeddings()
+
+
+def logit_softcap(model: Any) -> float | None:
+    """The cap of Gemma-style final logit soft-capping (cap * tanh(z / cap)), None without it."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return getattr(config, "final_logit_softcapping", None)
+
+
+class HeadCapture:
+    """While entered, the model's output layer computes nothing: it keeps its input (the last
+    hidden states, already cut by `logits_to_keep`) in `hidden` and returns a [..., 0] tensor in
+    place of the logits, which any post-processing the model applies (Gemma's soft-capping)
+    passes through unchanged. `losses.HeadLogits` computes the logits later, where the loss
+    needs them."""
+
+    def __init__(self, model: Any) -> None:
+        self.head = output_layer(model)
+        self.hidden: torch.Tensor | None = None
+
+    def _keep(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.hidden = hidden
+        return hidden[..., :0]
+
+    def __enter__(self) -> HeadCapture:
+        self.hidden = None
+        self.head.forward = self._keep
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.head.forward  # the class's forward again
 
 
 def _forward_params(model: Any) -> Any:
@@ -100,9 +140,16 @@ def prefix_forward(model: Any, batch: dict[str, torch.Tensor], n: int, flag: dic
     )
 
 
-def packed_forward(model: Any, batch: dict[str, torch.Tensor], n: int, kept: int) -> torch.Tensor:
+def packed_forward(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    n: int,
+    kept: int,
+    capture: HeadCapture | None = None,
+) -> torch.Tensor:
     """The batch's rows without their padding, one after another in a single row, after their
-    shared first `n` tokens run once; the logits of the last `kept` padded positions, [B, kept, V].
+    shared first `n` tokens run once; the logits of the last `kept` padded positions, [B, kept, V]
+    (with `capture`, the last hidden states there, [B, kept, H]).
 
     A 4D mask lets each token see the shared prefix and the earlier tokens of its own row only,
     and position ids restart per row, so every row computes exactly what it computes alone (tested
@@ -135,5 +182,8 @@ def packed_forward(model: Any, batch: dict[str, torch.Tensor], n: int, kept: int
         input_ids=packed, position_ids=pos[None], attention_mask=allowed, logits_to_keep=keep,
         **extra,
     ).logits[0]  # fmt: skip
+    if capture is not None:
+        assert capture.hidden is not None, "the output layer did not run"
+        logits = capture.hidden[0]
     out = logits.new_zeros(rows * kept, logits.shape[-1]).index_copy(0, into, logits)
     return out.view(rows, kept, -1)

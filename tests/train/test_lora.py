@@ -346,3 +346,21 @@ def test_gpu_check_script_runs_on_cpu_with_tiny_shapes():
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["case"] == "lora_npo_7b_bf16" and row["trainable"] > 0 and row["s_per_step"] > 0
+
+
+def test_adapters_start_from_the_run_seed_not_the_global_generator(target_dir, one_torch_thread):
+    from transformers import AutoModelForCausalLM
+
+    from unlearn import adapters
+    from unlearn.config import LoraSettings
+
+    def a_matrices(seed: int) -> list[torch.Tensor]:
+        base = AutoModelForCausalLM.from_pretrained(str(target_dir))
+        model = adapters.wrap(base, LoraSettings(r=2), seed=seed)
+        return [p.detach() for n, p in model.named_parameters() if "lora_A" in n]
+
+    first = a_matrices(0)
+    torch.rand(100)  # the global generator moves on; the adapters must not
+    again, other = a_matrices(0), a_matrices(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))

@@ -36,6 +36,8 @@ from typing import Any, Literal
 
 import torch
 
+from unlearn.losses import Logits
+
 RefValue = Literal["sequence_logp", "token_logp", "logits", "reinforced_logits"]
 REF_VALUES: tuple[str, ...] = ("sequence_logp", "token_logp", "logits", "reinforced_logits")
 GRADIENTS: tuple[str, ...] = ("sum", "pcgrad", "uno", "uno_s")
@@ -133,7 +135,9 @@ class LossInputs:
         (logits None when `Needs.logits` is False; labels then cover the full sequence)
         where T counts positions from the one before the batch's first answer token (prompt
         positions before it carry no loss, so the loop computes no logits there; cached reference
-        values and reference logits are cut the same way).
+        values and reference logits are cut the same way). With `train.logits_chunk` the logits
+        are a `losses.HeadLogits` (not yet projected): read them through the `losses` functions
+        (`token_logprobs`, `sequence_logprob`, `nll`, `kl_to_reference`, `answer_logits`).
     retain_logits / retain_labels: the model on the paired retain batch, or None if not requested.
     ref_forget_logp: log pi_ref(y|x) summed over answer tokens [B] (= ref_forget["sequence_logp"]).
     ref_forget: the declared cached reference values on the forget batch (see `Needs.reference`).
@@ -144,14 +148,14 @@ class LossInputs:
     prepared: what `Method.prepare` returned (the same object for every batch), or None.
     """
 
-    forget_logits: torch.Tensor | None
+    forget_logits: Logits | None
     forget_labels: torch.Tensor
-    retain_logits: torch.Tensor | None = None
+    retain_logits: Logits | None = None
     retain_labels: torch.Tensor | None = None
     ref_forget_logp: torch.Tensor | None = None
-    ref_retain_logits: torch.Tensor | None = None
+    ref_retain_logits: Logits | None = None
     ref_forget: dict[str, torch.Tensor] = field(default_factory=dict)
-    second_logits: torch.Tensor | None = None
+    second_logits: Logits | None = None
     second_labels: torch.Tensor | None = None
     ref_second: dict[str, torch.Tensor] = field(default_factory=dict)
     forget_hidden: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -48,14 +48,12 @@ def unlearning_labels(labels: torch.Tensor, ignore_first_n: int) -> torch.Tensor
     return labels.masked_fill(leading, losses.IGNORE_INDEX)
 
 
-def ce_u_forget_term(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def ce_u_forget_term(logits: losses.Logits, labels: torch.Tensor) -> torch.Tensor:
     """Mean over answer tokens of CE(softmax(detached logits without y), softmax(logits))."""
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != losses.IGNORE_INDEX
-    student = logits[:, :-1, :][mask].float()  # [N, V], only answer positions
+    student, mask = losses.answer_logits(logits, labels)  # [N, V], only answer positions
     if student.shape[0] == 0:
         return student.sum()  # no answer tokens left: a zero that keeps the graph
-    target = student.detach().scatter(-1, shift_labels[mask].unsqueeze(-1), float("-inf"))
+    target = student.detach().scatter(-1, labels[:, 1:][mask].unsqueeze(-1), float("-inf"))
     return F.cross_entropy(student, F.softmax(target, dim=-1))
 
 

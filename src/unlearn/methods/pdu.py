@@ -62,16 +62,14 @@ class PDUParams:
         check_weights(gamma=self.gamma)
 
 
-def margin_flattening(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def margin_flattening(logits: losses.Logits, labels: torch.Tensor) -> torch.Tensor:
     """Mean over answer tokens of (max_v z - mean_v z)^2, z the logits predicting the token.
 
     Only the answer positions are gathered (and upcast), so the float32 copy is N x V, not B x T x V.
     """
-    shift_logits, shift_labels = logits[:, :-1, :], labels[:, 1:]
-    mask = shift_labels != losses.IGNORE_INDEX
-    z = shift_logits[mask].float()  # [N, V]
+    z, _ = losses.answer_logits(logits, labels)  # [N, V]
     if z.shape[0] == 0:
-        return shift_logits.sum() * 0.0  # no answer token: 0, still attached to the graph
+        return z.sum() * 0.0  # no answer token: 0, still attached to the graph
     margin = z.amax(dim=-1) - z.mean(dim=-1)
     return margin.pow(2).mean()
 

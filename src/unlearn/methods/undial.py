@@ -49,12 +49,11 @@ class UNDIALParams:
 
 
 def undial_forget_term(
-    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float
+    logits: losses.Logits, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float
 ) -> torch.Tensor:
     """Mean over answer tokens of CE(softmax(ref - beta * onehot(y)), softmax(logits))."""
     shift_labels = labels[:, 1:]
-    mask = shift_labels != losses.IGNORE_INDEX
-    student = logits[:, :-1, :][mask].float()  # [N, V], only answer positions
+    student, mask = losses.answer_logits(logits, labels)  # [N, V], only answer positions
     teacher = ref_logits[:, :-1, :].to(student.device)[mask].float()
     target = shift_labels[mask]
     teacher = teacher.scatter_add(-1, target.unsqueeze(-1), torch.full_like(teacher[:, :1], -beta))

@@ -74,7 +74,7 @@ def generic_labels(
 
 
 def whp_forget_term(
-    logits: torch.Tensor,
+    logits: losses.Logits,
     ref_logits: torch.Tensor,
     reinforced_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -87,9 +87,7 @@ def whp_forget_term(
     reference and reinforced logits are aligned the same way. `overrides` [B, T-1] (shifted like
     the labels, -100 = none) replaces the generic label where set (anchored terms).
     """
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != losses.IGNORE_INDEX
-    student = logits[:, :-1, :][mask].float()  # [N, V], answer positions only
+    student, mask = losses.answer_logits(logits, labels)  # [N, V], answer positions only
     base = ref_logits[:, :-1, :].to(student.device)[mask]
     reinforced = reinforced_logits[:, :-1, :].to(student.device)[mask]
     target = generic_labels(base, reinforced, alpha)

@@ -4,12 +4,14 @@ packed without padding), or block hidden states for activation-based methods."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from unlearn import forward as fwd
+from unlearn.losses import HeadLogits, Logits
 from unlearn.prompts import Tokenized, collate
 from unlearn.train import hidden as hidden_io
 from unlearn.train.state import RunState
@@ -21,7 +23,7 @@ class Pass:
     hidden states, labels cut like the logits, the collated inputs, and `kept` (the number of
     last positions kept, None for all) to cut cached reference values the same way."""
 
-    logits: torch.Tensor | None
+    logits: Logits | None
     hidden: dict[int, torch.Tensor]
     labels: torch.Tensor
     batch: dict[str, torch.Tensor]
@@ -33,7 +35,25 @@ def forward(run: RunState, items: list[Tokenized], idx: list[int], layers: tuple
     (`logits_to_keep`), and labels are cut to match: prompt positions carry no loss, and with a
     vocabulary of ~50k the output layer and its softmax over every prompt position were a fifth of
     a fine-tuning step. Methods reading hidden states get full sequences, and a method that reads
-    no logits stops the model after its deepest block."""
+    no logits stops the model after its deepest block. With `train.logits_chunk` the logits are
+    a `losses.HeadLogits`: the last hidden states, projected later by the loss, chunk by chunk."""
+    head = fwd.HeadCapture(run.model) if run.cfg.logits_chunk and run.needs.logits else None
+    with head or contextlib.nullcontext():
+        p = _forward(run, items, idx, layers, head)
+    if head is not None and p.logits is not None:
+        hidden = p.logits if p.logits.shape[-1] else head.hidden  # packed rows come scattered
+        assert hidden is not None, "the output layer did not run"
+        p.logits = HeadLogits(hidden, head.head, run.cfg.logits_chunk, run.softcap)
+    return p
+
+
+def _forward(
+    run: RunState,
+    items: list[Tokenized],
+    idx: list[int],
+    layers: tuple[int, ...],
+    head: fwd.HeadCapture | None,
+) -> Pass:
     model = run.model
     batch = collate([items[i] for i in idx], run.pad_id)
     batch = {k: v.to(run.accelerator.device) for k, v in batch.items()}
@@ -51,7 +71,8 @@ def forward(run: RunState, items: list[Tokenized], idx: list[int], layers: tuple
         labels = labels[:, -kept:]
     shared = fwd.shared_prefix(batch, kept) if run.share_prefix else 0
     if run.pack and kept is not None and batch["input_ids"].shape[0] > 1:
-        return Pass(fwd.packed_forward(model, batch, shared, kept), {}, labels, batch, kept)
+        packed = fwd.packed_forward(model, batch, shared, kept, head)
+        return Pass(packed, {}, labels, batch, kept)
     if shared:
         logits = fwd.prefix_forward(model, batch, shared, flag).logits
         return Pass(logits, {}, labels, batch, kept)
@@ -69,10 +90,16 @@ def start_hidden(
         return hidden_io.run(run.start.hidden, batch, layers, stop=True)[1]
 
 
-def start_logits(run: RunState, p: Pass) -> torch.Tensor | None:
-    """The frozen starting model's logits on the same batch (a KL retain term)."""
+def start_logits(run: RunState, p: Pass) -> Logits | None:
+    """The frozen starting model's logits on the same batch (a KL retain term), left to the loss
+    to project chunk by chunk when the model's are (`train.logits_chunk`)."""
     if run.start.model is None:
         return None
-    with torch.no_grad(), run.accelerator.autocast():
+    head = fwd.HeadCapture(run.start.model) if isinstance(p.logits, HeadLogits) else None
+    with torch.no_grad(), run.accelerator.autocast(), head or contextlib.nullcontext():
         keep = {"logits_to_keep": p.kept} if p.kept is not None else {}
-        return run.start.model(**p.batch, **keep).logits
+        logits = run.start.model(**p.batch, **keep).logits
+    if head is None:
+        return logits
+    assert head.hidden is not None, "the output layer did not run"
+    return HeadLogits(head.hidden, head.head, run.cfg.logits_chunk, run.softcap, frozen=True)

@@ -70,7 +70,18 @@ class Plan:
             "optimizer_steps": n_steps,
             "localize": to_dict(cfg.localize) if cfg.localize.active else None,
             "output": self.config.output,
+            "memory": self.memory(),
         }
+
+    def memory(self) -> dict[str, Any]:
+        """The estimated peak memory per process (`unlearn.train.memory`), or why there is none
+        (a hub model's config cannot be read offline, an adapter folder as the model)."""
+        from unlearn.train.memory import estimate
+
+        try:
+            return estimate(self)
+        except UnlearnError as exc:
+            return {"peak_gib": None, "error": str(exc)}
 
 
 def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:

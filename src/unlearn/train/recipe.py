@@ -140,7 +140,7 @@ def execute(
             if localization is not None
             else adapters.method_targets(method, plan.params, model)
         )
-        model = adapters.wrap(model, cfg.lora, targets)
+        model = adapters.wrap(model, cfg.lora, targets, cfg.train.seed)
     config_text = yaml.safe_dump(resolved_config(cfg, plan.params), sort_keys=False)
     if ranks.is_main_process:
         atomic_write_text(out / CONFIG_FILE, config_text)

@@ -9,12 +9,13 @@ accelerate on this process's device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 
-from unlearn.forward import kept_positions, takes_logits_to_keep
-from unlearn.losses import IGNORE_INDEX, token_logprobs
+from unlearn.forward import HeadCapture, kept_positions, takes_logits_to_keep
+from unlearn.losses import IGNORE_INDEX, HeadLogits, token_logprobs
 from unlearn.prompts import Tokenized, collate
 
 LOGITS_START = "logits:start"
@@ -27,6 +28,8 @@ def reference_values(
     pad_id: int,
     kinds: tuple[str, ...],
     batch_size: int = 8,
+    chunk: int = 0,
+    softcap: float | None = None,
 ) -> dict[str, list[torch.Tensor]]:
     """{kind: one CPU tensor per item} under the model as it is now, in a single pass.
 
@@ -34,7 +37,8 @@ def reference_values(
     per-token log-probs of `losses.token_logprobs` ([T-1], 0 off the answer); logits: [T', V] from
     the position before the first answer token on, with that position under "logits:start"
     (positions before it predict no answer token, and a 50k vocabulary makes every kept position
-    cost 200 KB).
+    cost 200 KB). With `chunk` (`train.logits_chunk`) and no "logits" asked for, the log-probs
+    are projected `chunk` answer positions at a time (`losses.HeadLogits`).
     """
     out: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
     if not kinds:
@@ -45,18 +49,23 @@ def reference_values(
     model.eval()
     device = next(model.parameters()).device
     for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        part = items[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
         labels = batch.pop("labels")
         keep = kept_positions(labels) if takes_logits_to_keep(model) else None
-        if kinds == ("sequence_logp",) and keep is not None:
-            # a sum over answer tokens needs no logits at prompt positions (see train.batches)
-            logits = model(**batch, logits_to_keep=keep).logits
-            logp, _ = token_logprobs(logits, labels[:, -keep:])
-        else:
-            logits = model(**batch).logits
-            logp, _ = token_logprobs(logits, labels)
-        for row, item in enumerate(chunk):
+        head = HeadCapture(model) if chunk and "logits" not in kinds else None
+        with head or contextlib.nullcontext():
+            if kinds == ("sequence_logp",) and keep is not None:
+                # a sum over answer tokens needs no logits at prompt positions (see train.batches)
+                logits = model(**batch, logits_to_keep=keep).logits
+                labels = labels[:, -keep:]
+            else:
+                logits = model(**batch).logits
+        if head is not None:
+            assert head.hidden is not None, "the output layer did not run"
+            logits = HeadLogits(head.hidden, head.head, chunk, softcap, frozen=True)
+        logp, _ = token_logprobs(logits, labels)
+        for row, item in enumerate(part):
             n = len(item.input_ids)
             if "sequence_logp" in kinds:
                 out["sequence_logp"].append(logp[row].sum().float().cpu())

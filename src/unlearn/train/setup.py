@@ -43,6 +43,7 @@ def build(job: TrainJob) -> RunState:
     needs = method.needs(job.params)
     check_data(method, needs, job.forget, job.retain, job.second)
     check_needs(method, needs, model, accelerator)
+    softcap = check_head(model, job.forget, cfg.logits_chunk) if cfg.logits_chunk else None
     sharded = cfg.sharding == "fsdp2"
     sharding.check(cfg, accelerator, job.anchor)
     perturbed = None
@@ -126,6 +127,7 @@ def build(job: TrainJob) -> RunState:
         keep_logits=fwd.takes_logits_to_keep(unwrapped),
         share_prefix=share,
         pack=share and fwd.uses_sdpa(unwrapped),
+        softcap=softcap,
         perturbed=perturbed,
         forget_sizes=mean_sizes(job.forget, method.mean_over, job.params) if not one else None,
         retain_sizes=(
@@ -134,6 +136,34 @@ def build(job: TrainJob) -> RunState:
             else None
         ),
     )
+
+
+def check_head(model: Any, items: list, chunk: int) -> float | None:
+    """The model's soft-capping, after checking that logits projected outside the model
+    (`train.logits_chunk`) equal the model's own on a few tokens of the first example: a model
+    that scales or otherwise post-processes its logits is refused, not trained on other values."""
+    from unlearn.losses import HeadLogits
+
+    softcap = fwd.logit_softcap(model)
+    ids = torch.tensor([items[0].input_ids[:16]], device=next(model.parameters()).device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            whole = model(input_ids=ids).logits.float()
+            with fwd.HeadCapture(model) as head:
+                model(input_ids=ids)
+            assert head.hidden is not None
+            parts = HeadLogits(head.hidden, head.head, chunk, softcap).project(head.hidden)
+    finally:
+        model.train(was)
+    if not torch.allclose(whole, parts, rtol=1e-4, atol=1e-4 * float(whole.abs().max())):
+        raise UnlearnError(
+            f"train.logits_chunk: {type(model).__name__}'s logits are not its output layer on its "
+            "last hidden states (it post-processes them), so the chunked loss would differ; set "
+            "train.logits_chunk=0"
+        )
+    return softcap
 
 
 def start_values(job: TrainJob, needs: Needs, accelerator) -> StartValues:
@@ -174,8 +204,9 @@ def start_values(job: TrainJob, needs: Needs, accelerator) -> StartValues:
     t0 = time.time()
     kinds = tuple(k for k in needs.reference if k != "reinforced_logits")
     batch = max(cfg.batch_size, 8)
-    out.forget = reference_values(model, job.forget, job.pad_id, kinds, batch)
-    out.second = reference_values(model, job.second or [], job.pad_id, kinds, batch)
+    chunked = {"chunk": cfg.logits_chunk, "softcap": fwd.logit_softcap(model)}
+    out.forget = reference_values(model, job.forget, job.pad_id, kinds, batch, **chunked)
+    out.second = reference_values(model, job.second or [], job.pad_id, kinds, batch, **chunked)
     if reinforced is not None:
         out.forget["reinforced_logits"] = reinforced["logits"]
         out.forget["reinforced_logits:start"] = reinforced["logits:start"]

@@ -64,6 +64,7 @@ class RunState:
     keep_logits: bool = False  # the model takes `logits_to_keep` (`batches.forward`)
     share_prefix: bool = False  # run a batch's common first tokens once
     pack: bool = False  # and the rest without padding
+    softcap: float | None = None  # the model's final logit soft-capping (`losses.HeadLogits`)
     perturbed: Any = None
     # what each forget / retain sequence counts for in its loss's mean, when several processes
     # share a batch (`schedule.shard`); None: count sequences
