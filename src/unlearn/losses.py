@@ -100,14 +100,18 @@ def token_logprobs(logits: Logits, labels: torch.Tensor) -> tuple[torch.Tensor, 
     """
     if isinstance(logits, HeadLogits):
         return _head_token_logprobs(logits, labels)
-    shift_logits, shift_labels = _shift(logits, labels)
-    mask = shift_labels != IGNORE_INDEX
-    safe = shift_labels.masked_fill(~mask, 0)
+    # Labels move left rather than logits: a [B, T-1, V] slice of the logits would be copied to
+    # flatten it, and its backward would allocate another [B, T, V] of zeros; the last position's
+    # loss, computed against an ignored label, costs 1/T of the work instead.
+    shift_labels = torch.cat(
+        [labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], 1
+    )
     nll = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)).float(),
-        safe.reshape(-1),
+        logits.float().reshape(-1, logits.size(-1)),  # a view of contiguous logits
+        shift_labels.view(-1),
         reduction="none",
-    ).view_as(safe)
+    ).view_as(shift_labels)[:, :-1]
+    mask = labels[:, 1:] != IGNORE_INDEX
     return (-nll) * mask, mask
 
 

@@ -12,10 +12,13 @@ settings and the data's real token counts (the run's tokenizer and prompt format
   adapters off), RMU's truncated copy, WHP's reinforced copy while it trains;
 * cached reference values (NPO's log-probs are nothing; UNDIAL's and WHP's logits are N x T' x V);
 * activations of the largest micro-batch this process runs: a Llama-style block keeps about
-  9 H + 4 I floats per token in training (norm inputs and outputs, q/k/v and the attention output,
-  the MLP's gate, up, activation and product); with gradient checkpointing one block input per
-  block plus one block recomputed; logits as 3 float32 copies of tokens x vocabulary (logits,
-  log-softmax, gradient) or one chunk's with `train.logits_chunk`;
+  11 H + 4 I floats per token in training (each norm's input, normalized and scaled outputs; q,
+  and k, v repeated to every head; the attention output and its reshaped copy; the MLP's gate,
+  up, activation and product: 12,028 floats per token on SmolLM2 by autograd's saved tensors,
+  11 H + 4 I = 12,480), plus for each LoRA module the input after its dropout (and the dropout's
+  mask) and A's output; with gradient checkpointing one block input per block plus one block
+  recomputed; logits as 3 float32 copies of tokens x vocabulary (logits, log-softmax, gradient)
+  or one chunk's with `train.logits_chunk`;
 * on CPU, the process as it is before loading (Python, torch, transformers, tokenizer, data),
   read from /proc, and the load itself, when the file's pages and the weights are both resident.
 
@@ -52,6 +55,8 @@ class Shapes:
     root: int  # parameters outside the decoder blocks (embeddings, final norm, head)
     block: int  # parameters of one decoder block
     eager_heads: int  # attention heads when attention is eager (it keeps T x T probabilities)
+    adapter_floats: int  # floats per token per block the LoRA modules keep (dropout output, A x)
+    adapter_bytes: int  # and bytes (dropout masks)
 
 
 def _meta_model(plan) -> tuple[Any, Any]:
@@ -109,6 +114,16 @@ def shapes(model: Any, plan) -> Shapes:
         trainable = sum(named[n].numel() for n in chosen if n in named)
     blocks = list(decoder_blocks(model))
     block = sum(p.numel() for p in blocks[0].parameters()) if blocks else 0
+    floats, masks = 0, 0
+    for module in blocks[0].modules() if blocks else []:
+        a = getattr(module, "lora_A", None)
+        if not a:
+            continue
+        name = next(iter(a))
+        floats += a[name].out_features  # A's output, kept by B
+        if not isinstance(module.lora_dropout[name], torch.nn.Identity):
+            floats += a[name].in_features  # the dropped-out input, kept by A
+            masks += a[name].in_features
     hidden = int(config.hidden_size)
     attn = getattr(config, "_attn_implementation", None) or "sdpa"
     return Shapes(
@@ -121,6 +136,8 @@ def shapes(model: Any, plan) -> Shapes:
         root=params - block * len(blocks),
         block=block,
         eager_heads=int(config.num_attention_heads) if attn == "eager" else 0,
+        adapter_floats=floats,
+        adapter_bytes=masks,
     )
 
 
@@ -195,7 +212,8 @@ def estimate(plan, world: int | None = None) -> dict[str, Any]:
     def activations(items: list, kl: bool = False) -> float:
         rows, length, kept, answers = _batch_shape(items, per_process)
         tokens = rows * length
-        per_token = (9 * s.hidden + 4 * s.intermediate + 2 * s.eager_heads * length) * width
+        floats = 11 * s.hidden + 4 * s.intermediate + 2 * s.eager_heads * length + s.adapter_floats
+        per_token = floats * width + s.adapter_bytes
         if train.gradient_checkpointing:
             body = tokens * (s.layers * s.hidden * width + per_token)
         else:
