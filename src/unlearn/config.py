@@ -109,7 +109,11 @@ class TrainConfig:
         forward pass of compute. The training forward then runs each batch whole (no shared
         prompt prefix); the numbers are the same up to float rounding.
     sharding: "fsdp2" shards parameters, gradients and optimizer state over the processes of a
-        torchrun launch (`unlearn.train.sharding`); "none" is plain data parallelism (DDP).
+        torchrun launch (`unlearn.train.sharding`); "deepspeed" hands them to DeepSpeed ZeRO
+        through accelerate (`unlearn.train.deepspeed`); "none" is plain data parallelism (DDP).
+    deepspeed: with sharding=deepspeed, the DeepSpeed config: "zero2", "zero3" (shipped in
+        unlearn/resources/deepspeed/) or a JSON file; its "auto" values are filled from this
+        section (batch counts, gradient_clipping from max_grad_norm, bf16 from the model).
     logits_chunk: answer positions per chunk of the output layer and its softmax (0: the whole
         [batch, length, vocabulary] logits at once). Chunked, the loss terms and the reference
         passes keep the last hidden states only and project `logits_chunk` answer positions at a
@@ -136,7 +140,8 @@ class TrainConfig:
     progress: bool = True
     nll_check: bool = True
     gradient_checkpointing: bool = False
-    sharding: Literal["none", "fsdp2"] = "none"
+    sharding: Literal["none", "fsdp2", "deepspeed"] = "none"
+    deepspeed: str = "zero2"
     logits_chunk: int = 0
 
     def num_warmup_steps(self, total: int) -> int:

@@ -31,7 +31,8 @@ import accelerate
 import unlearn.forward
 unlearn.forward.uses_sdpa = lambda model: False  # both sides pad (one process would pack)
 
-root, variants, sharding = pathlib.Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
+root, variants = pathlib.Path(sys.argv[1]), sys.argv[2].split(",")
+sharding, _, zero = sys.argv[3].partition(":")  # "deepspeed:zero3"
 
 def fresh(variant):
     torch.manual_seed(0)
@@ -72,7 +73,7 @@ def run(variant):
     needs = method.needs(params)
     second = [Tokenized(f.input_ids, f.labels[:-1] + [-100], f.source) for f in forget] if needs.second_target else None
     cfg = TrainConfig(batch_size=3, max_steps=3, lr=1e-3, progress=False, seed=3,
-                      sharding=sharding)
+                      sharding=sharding, deepspeed=zero or "zero2")
     model = fresh(variant)
     mask = None
     if variant == "masked":
@@ -95,7 +96,13 @@ def run(variant):
         train(job(model, resume=True))
     else:
         train(job(model))
-    state = S.full_state_dict(model) if sharding == "fsdp2" else model.state_dict()
+    if sharding == "fsdp2":
+        state = S.full_state_dict(model)
+    elif sharding == "deepspeed":
+        from unlearn.train import deepspeed
+        state = deepspeed.full_state_dict(model)
+    else:
+        state = model.state_dict()
     if accelerate.PartialState().is_main_process:
         keep = {k: v.detach().cpu().clone() for k, v in state.items()
                 if variant != "lora" or "lora_" in k}

@@ -94,6 +94,11 @@ def train(job: TrainJob) -> TrainResult:
                 _save(run, completed)
     except Diverged as exc:
         bar.close()
+        if run.cfg.sharding == "deepspeed":  # no checkpoints (`unlearn.train.deepspeed`)
+            raise TrainingDiverged(
+                f"training stopped at step {completed + 1}: {exc.reason}; DeepSpeed runs keep no "
+                "checkpoint: rerun with a lower train.lr, or check the data"
+            ) from None
         ckpt = _save(run, completed)
         raise TrainingDiverged(
             f"training stopped at step {completed + 1}: {exc.reason}; the last good state (after "
@@ -102,6 +107,11 @@ def train(job: TrainJob) -> TrainResult:
         ) from None
     except KeyboardInterrupt:
         bar.close()
+        if run.cfg.sharding == "deepspeed":
+            raise UnlearnError(
+                f"interrupted after step {completed} of {run.total}; DeepSpeed runs keep no "
+                "checkpoint (use train.sharding=fsdp2 for resumable sharded runs)"
+            ) from None
         ckpt = _save(run, completed)
         raise UnlearnError(
             f"interrupted after step {completed} of {run.total}; state saved in {ckpt}; rerun "

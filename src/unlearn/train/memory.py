@@ -20,7 +20,8 @@ settings and the data's real token counts (the run's tokenizer and prompt format
   recomputed; logits as 3 float32 copies of tokens x vocabulary (logits, log-softmax, gradient)
   or one chunk's with `train.logits_chunk`;
 * on CPU, the process as it is before loading (Python, torch, transformers, tokenizer, data),
-  read from /proc, and the load itself, when the file's pages and the weights are both resident.
+  read from /proc; weights loaded on CPU are the checkpoint file's pages, resident once read, so
+  a method that stops after an early block (RMU) holds only the blocks it runs.
 
 The peak is the largest phase: loading, the reinforced copy's training, a training step. It is an
 estimate: allocator caching (glibc's arenas on CPU, the CUDA caching allocator) and kernels'
@@ -187,7 +188,14 @@ def estimate(plan, world: int | None = None) -> dict[str, Any]:
     shard = world if train.sharding == "fsdp2" else 1
     per_process = -(-train.batch_size // world)
 
+    # a method reading no logits stops the forward after its deepest block (one process)
+    stops = not needs.logits and bool(needs.hidden_layers) and world == 1
+    depth = max(needs.hidden_layers) + 1 if stops else s.layers
     weights = s.params * width / shard
+    if on_cpu and stops:
+        # weights loaded on CPU are the file's pages, resident once read: blocks past the
+        # deepest one are never read (the embeddings and head count whole)
+        weights = (s.root + depth * s.block) * width
     grads = s.trainable * width / shard
     optimizer = 2 * s.trainable * width / shard
     gathered = (s.root + 2 * s.block) * width if shard > 1 else 0.0
@@ -215,9 +223,9 @@ def estimate(plan, world: int | None = None) -> dict[str, Any]:
         floats = 11 * s.hidden + 4 * s.intermediate + 2 * s.eager_heads * length + s.adapter_floats
         per_token = floats * width + s.adapter_bytes
         if train.gradient_checkpointing:
-            body = tokens * (s.layers * s.hidden * width + per_token)
+            body = tokens * (depth * s.hidden * width + per_token)
         else:
-            body = tokens * s.layers * per_token
+            body = tokens * depth * per_token
         if not needs.logits:
             return body
         if train.logits_chunk:
@@ -249,18 +257,22 @@ def estimate(plan, world: int | None = None) -> dict[str, Any]:
     }
     phases = {
         "train": runtime + weights + optimizer + frozen + cached + gathered + step_peak,
-        # the file's pages and the loaded weights are both resident while loading on CPU
-        "load": runtime + s.params * width * (2 if on_cpu else 1),
+        # on CPU the loaded weights are the file's pages, resident as they are read
+        "load": runtime + weights,
     }
     if needs.reinforce is not None:  # a trained copy of the whole model, before the first step
         copy = s.params * width
         phases["reinforce"] = runtime + weights + 4 * copy + forget_act
     phase = max(phases, key=lambda k: phases[k])
+
+    def gib(v: float) -> float:
+        return float(f"{v / GIB:.4g}")
+
     return {
-        "peak_gib": round(phases[phase] / GIB, 3),
+        "peak_gib": gib(phases[phase]),
         "phase": phase,
-        "phases_gib": {k: round(v / GIB, 3) for k, v in phases.items()},
-        "parts_gib": {k: round(v / GIB, 3) for k, v in parts.items()},
+        "phases_gib": {k: gib(v) for k, v in phases.items()},
+        "parts_gib": {k: gib(v) for k, v in parts.items()},
         "processes": world,
         "device": placement["device"],
         "dtype": dtype,

@@ -90,6 +90,9 @@ def optimizer(
     ]
     if masked_decay:
         groups.append({"params": masked_decay, "weight_decay": 0.0})
+    # no empty groups (LoRA has no norms): DeepSpeed drops them, and the schedule, built on this
+    # optimizer, would then count more groups than the one it steps
+    groups = [g for g in groups if g["params"]] or groups
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=_fusable(model))
 
 

@@ -172,6 +172,10 @@ def execute(
         from unlearn.train.sharding import full_state_dict
 
         state = full_state_dict(model)
+    elif cfg.train.sharding == "deepspeed":
+        from unlearn.train import deepspeed
+
+        state = deepspeed.full_state_dict(model) if deepspeed.stage(cfg.train) >= 3 else None
     if cfg.model.adapter == "lora":
         from unlearn import adapters
         from unlearn.models import local_folder

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ from unlearn.errors import UnlearnError
 from unlearn.methods.base import Method, Needs
 from unlearn.train import checkpoint as ckpt_io
 from unlearn.train import hidden as hidden_io
-from unlearn.train import optim, sharding
+from unlearn.train import deepspeed, optim, sharding
 from unlearn.train.checkpoint import latest_checkpoint
 from unlearn.train.job import LOG_FILE, TrainJob
 from unlearn.train.reference import frozen_copy, reference_values
@@ -34,12 +35,20 @@ def build(job: TrainJob) -> RunState:
     from accelerate import Accelerator
 
     model, method, cfg = job.model, job.method, job.cfg
+    first = next(model.parameters())
+    ds = cfg.sharding == "deepspeed"
+    deepspeed.fresh_state(ds)
+    if ds:
+        if first.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        extra = {"deepspeed_plugin": deepspeed.plugin(cfg, first.dtype, world)}
+    else:
+        extra = {"cpu": first.device.type == "cpu"}
     # Every process runs every step (the loop shards each global batch itself), so the scheduler
     # steps once per optimizer step; accelerate's default steps it once per process.
-    accelerator = Accelerator(
-        cpu=next(model.parameters()).device.type == "cpu", step_scheduler_with_optimizer=False
-    )
-    refuse_unsupported(accelerator)
+    accelerator = Accelerator(step_scheduler_with_optimizer=False, **extra)
+    refuse_unsupported(accelerator, cfg)
     needs = method.needs(job.params)
     check_data(method, needs, job.forget, job.retain, job.second)
     check_needs(method, needs, model, accelerator)
@@ -70,6 +79,10 @@ def build(job: TrainJob) -> RunState:
     if sharded:  # after the starting model's values: they were taken from the whole model
         sharding.shard(model)
     masked, frozen = ([], []) if adapted else optim.masks(method, job.params, model, job.mask)
+    if ds:  # a whole-tensor mask only freezes; a partial one DeepSpeed cannot apply
+        partial = any(not bool(m.mask.all()) for m in masked)
+        deepspeed.check(cfg, needs, partial, job.anchor, job.resume, method.finalize is not None)
+        masked = []
     opt = optim.optimizer(model, cfg, masked)
     sched = optim.scheduler(opt, cfg, len(steps))
     if sharded:  # torch shards and reduces; accelerate places nothing and wraps nothing
@@ -243,11 +256,16 @@ def check_needs(method: Method, needs: Needs, model, accelerator) -> None:
         )
 
 
-def refuse_unsupported(accelerator) -> None:
+def refuse_unsupported(accelerator, cfg) -> None:
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
-    if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+    if kind == DistributedType.DEEPSPEED and cfg.sharding != "deepspeed":
+        raise UnlearnError(
+            "this launch enables accelerate's DeepSpeed plugin; set train.sharding=deepspeed (and "
+            "train.deepspeed=zero2|zero3|FILE.json) instead of the launcher's DeepSpeed config"
+        )
+    if kind == DistributedType.FSDP:
         raise UnlearnError(
             f"accelerate's {kind.value} plugin is not supported; for sharded training launch "
             "plain processes (`torchrun --nproc_per_node N -m unlearn.cli forget ...` or "

@@ -27,7 +27,7 @@ DCP_DIR = "dcp"
 
 def check(cfg, accelerator, anchor) -> None:
     """Refuse a sharded run that cannot work, in one line, before anything is sharded."""
-    if cfg.sharding == "none":
+    if cfg.sharding != "fsdp2":
         return
     if accelerator.num_processes < 2:
         raise UnlearnError(

@@ -17,7 +17,7 @@ import torch
 
 from unlearn.methods.base import LossInputs, StepInfo
 from unlearn.methods.retain import declared_value, declared_weight
-from unlearn.train import gradients, optim, sharding
+from unlearn.train import deepspeed, gradients, optim, sharding
 from unlearn.train.batches import forward, start_hidden, start_logits
 from unlearn.train.reference import batch_values
 from unlearn.train.schedule import shard
@@ -131,7 +131,7 @@ def forget_pass(run: RunState, idx, n_micro: int, bad: list[str], sync: bool) ->
     mine, weight = shard(idx, acc.process_index, acc.num_processes, run.forget_sizes)
     loss, terms, _ = forget_loss(run, mine)
     check_finite(loss, "loss", bad)
-    backward(run, loss * (weight / n_micro), sync)
+    backward(run, loss * (weight / n_micro), sync, bad)
     return terms
 
 
@@ -143,7 +143,7 @@ def retain_pass(
     mine, share = shard(r_idx, acc.process_index, acc.num_processes, run.retain_sizes)
     loss = retain_loss(run, mine, logs)
     check_finite(loss, "retain loss", bad)
-    backward(run, loss * (share / n_micro), sync)
+    backward(run, loss * (share / n_micro), sync, bad)
     return float(loss.detach())
 
 
@@ -152,9 +152,13 @@ def check_finite(value: torch.Tensor, name: str, bad: list[str]) -> None:
         bad.append(f"{name} is {float(value.detach())}")
 
 
-def backward(run: RunState, loss: torch.Tensor, sync: bool) -> None:
-    """Backward, letting DDP all-reduce gradients only on the last pass of an optimizer step."""
+def backward(run: RunState, loss: torch.Tensor, sync: bool, bad: list[str] | None = None) -> None:
+    """Backward, letting DDP all-reduce gradients only on the last pass of an optimizer step
+    (under DeepSpeed that pass also steps the optimizer: `unlearn.train.deepspeed`)."""
     acc = run.accelerator
+    if run.cfg.sharding == "deepspeed":
+        deepspeed.backward(run, loss, sync, bad if bad is not None else [])
+        return
     with contextlib.nullcontext() if sync else acc.no_sync(run.model):
         acc.backward(loss)
 
@@ -165,6 +169,11 @@ def finish_gradients(run: RunState, step: int, bad: list[str]) -> float:
     Every process reaches the same verdict: the norm is of the all-reduced gradients, and a
     non-finite loss on any process is summed across processes before anyone raises.
     """
+    if run.cfg.sharding == "deepspeed":  # it has clipped and stepped already (its backward)
+        grad_norm = deepspeed.grad_norm(run)
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            raise Diverged(step, f"gradient norm is {grad_norm}")
+        return grad_norm
     optim.mask_gradients(run)
     params = [p for p in run.model.parameters() if p.grad is not None]
     if run.cfg.max_grad_norm > 0:

@@ -1,0 +1,176 @@
+"""DeepSpeed ZeRO through accelerate (`train.sharding=deepspeed`, `train.deepspeed=zero2|zero3|
+FILE.json`): DeepSpeed partitions optimizer state and gradients (ZeRO-2) and the parameters too
+(ZeRO-3) over the processes of a launch; accelerate builds the engine from our model, optimizer and
+scheduler.
+
+One optimizer step runs several backward passes (each micro-batch's forget pass, then its retain
+pass, each in a backward of its own). DeepSpeed steps the optimizer inside `backward` at a
+gradient-accumulation boundary, so the boundary is set per pass: only the step's last backward is
+one, and the optimizer (with DeepSpeed's clipping and our learning-rate schedule) steps once. The
+configured accumulation is 1 and every loss is already weighted for its share of the global batch
+(`schedule.shard`), so DeepSpeed divides by nothing; it averages gradients over the processes like
+DDP. Because the step happens inside that last backward, a non-finite loss is agreed on by every
+process before it, and the gradient norm is DeepSpeed's, read after the step.
+
+Not supported (refused in one line): partial parameter masks (GRIN's; DeepSpeed owns the
+gradients), methods that combine gradients themselves (PCGrad, UNO), UOE's anchor, chunked logits
+under ZeRO-3 (the head's weights are partitioned outside the forward), and checkpoints: DeepSpeed's
+own are pickles, which `--resume` must never unpickle, so a DeepSpeed run is not resumable (use
+train.sharding=fsdp2 for that). Frozen copies (a KL retain term's starting model) are replicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unlearn.errors import UnlearnError
+
+SHIPPED = ("zero2", "zero3")
+
+
+def config_file(name: str) -> dict[str, Any]:
+    """A shipped config (`zero2`, `zero3`) or the user's JSON file, parsed."""
+    if name in SHIPPED:
+        text = (resources.files("unlearn") / "resources" / "deepspeed" / f"{name}.json").read_text()
+        return json.loads(text)
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise UnlearnError(
+            f"train.deepspeed={name!r} is neither a shipped config ({', '.join(SHIPPED)}) nor a "
+            "JSON file"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UnlearnError(
+            f"train.deepspeed: {path} is not valid JSON ({exc.msg}, line {exc.lineno})"
+        ) from None
+
+
+def stage(cfg) -> int:
+    return int(config_file(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0))
+
+
+def check(cfg, needs, masked: bool, anchor, resume: bool, finalize: bool) -> None:
+    """Refuse what cannot work under DeepSpeed, in one line, before the engine is built."""
+    if "WORLD_SIZE" not in os.environ:
+        raise UnlearnError(
+            "train.sharding=deepspeed needs a launcher: `torchrun --nproc_per_node N -m "
+            "unlearn.cli forget ...`, `accelerate launch` or `deepspeed` (N may be 1)"
+        )
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise UnlearnError(
+            "train.sharding=deepspeed needs the deepspeed package: pip install deepspeed (on a "
+            "machine without CUDA also set DS_ACCELERATOR=cpu)"
+        ) from None
+    if masked:
+        raise UnlearnError(
+            "a parameter mask (localize, or a method's partial mask) is not supported with "
+            "train.sharding=deepspeed (DeepSpeed owns the gradients); use train.sharding=fsdp2"
+        )
+    if needs.gradients != "sum":
+        raise UnlearnError(
+            f"gradients={needs.gradients} combines gradients by hand, which DeepSpeed's "
+            "partitioned gradients do not allow; use train.sharding=fsdp2 or none"
+        )
+    if anchor is not None:
+        raise UnlearnError("UOE's router anchor is not supported with train.sharding=deepspeed")
+    if cfg.save_every:
+        raise UnlearnError(
+            "train.save_every is not supported with train.sharding=deepspeed (its checkpoints are "
+            "pickles, never unpickled by --resume); use train.sharding=fsdp2 for resumable runs"
+        )
+    if resume:
+        raise UnlearnError(
+            "--resume is not supported with train.sharding=deepspeed (its checkpoints are "
+            "pickles); use train.sharding=fsdp2 for resumable sharded runs"
+        )
+    if finalize and stage(cfg) >= 3:
+        raise UnlearnError(
+            "a method that rewrites the trained weights (task_vector) is not supported with "
+            "ZeRO-3 (partitioned parameters); use train.deepspeed=zero2"
+        )
+    if cfg.logits_chunk and stage(cfg) >= 3:
+        raise UnlearnError(
+            "train.logits_chunk does not work with ZeRO-3 (the output layer's weights are "
+            "partitioned outside the model's forward); set train.logits_chunk=0 or use zero2"
+        )
+
+
+def fresh_state(wanted: bool) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a DeepSpeed plugin for a
+    second Accelerator; a later run in the same process (the API, a sweep) may want another
+    config, or none. The launch's process state (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState._shared_state
+    if state and (wanted or state.get("distributed_type") == DistributedType.DEEPSPEED):
+        AcceleratorState._reset_state()
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+
+
+def plugin(cfg, dtype: torch.dtype, world: int):
+    """accelerate's DeepSpeedPlugin for this run: the chosen config with its "auto" values set
+    (one sequence per micro-batch as DeepSpeed counts them, no accumulation of its own, our
+    clipping, bf16 when the model is bf16)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    ds = config_file(cfg.deepspeed)
+    auto = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    for key, value in auto.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    if ds["gradient_accumulation_steps"] != 1:
+        raise UnlearnError(
+            "train.deepspeed: gradient_accumulation_steps must be 1 or auto (use train.grad_accum)"
+        )
+    if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") == "auto":
+        ds["bf16"]["enabled"] = dtype == torch.bfloat16
+    if dtype == torch.float16:
+        raise UnlearnError(
+            "train.sharding=deepspeed: use model.dtype=bfloat16 or float32, not float16"
+        )
+    return DeepSpeedPlugin(hf_ds_config=ds)
+
+
+def backward(run, loss: torch.Tensor, sync: bool, bad: list[str]) -> None:
+    """The pass's backward; the step's last (`sync`) also steps DeepSpeed's optimizer, after
+    every process has agreed that no loss of this step was non-finite."""
+    acc = run.accelerator
+    if sync:
+        flag = torch.tensor([float(bool(bad))], device=acc.device)
+        if acc.reduce(flag, reduction="sum").item() > 0:
+            from unlearn.train.step import Diverged
+
+            raise Diverged(-1, bad[0] if bad else "a non-finite loss on another process")
+    acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=sync)
+
+
+def grad_norm(run) -> float:
+    """The step's gradient norm as DeepSpeed measured it (before clipping)."""
+    value = run.accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
+    return float("nan") if value is None else float(value)
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The whole model's tensors on every process (ZeRO-3 gathers its partitions)."""
+    import deepspeed
+
+    inner = getattr(model, "module", model)
+    params = list(inner.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
