@@ -59,6 +59,10 @@ def data():
 def run(variant):
     out = root / variant
     out.mkdir(parents=True, exist_ok=True)
+    # "zero3/npo_kl": this variant under DeepSpeed with that config
+    shard, ds = (("deepspeed", variant.split("/")[0]) if "/" in variant
+                 else (sharding, zero or "zero2"))
+    variant = variant.split("/")[-1]
     forget, retain = data()
     fixed = {"npo_kl": ("npo", {"retain_loss": "kl"}), "resume": ("npo", {"retain_loss": "kl"}),
              "grad_diff": ("grad_diff", {}), "masked": ("npo", {}),
@@ -73,7 +77,7 @@ def run(variant):
     needs = method.needs(params)
     second = [Tokenized(f.input_ids, f.labels[:-1] + [-100], f.source) for f in forget] if needs.second_target else None
     cfg = TrainConfig(batch_size=3, max_steps=3, lr=1e-3, progress=False, seed=3,
-                      sharding=sharding, deepspeed=zero or "zero2")
+                      sharding=shard, deepspeed=ds)
     model = fresh(variant)
     mask = None
     if variant == "masked":
@@ -96,9 +100,9 @@ def run(variant):
         train(job(model, resume=True))
     else:
         train(job(model))
-    if sharding == "fsdp2":
+    if shard == "fsdp2":
         state = S.full_state_dict(model)
-    elif sharding == "deepspeed":
+    elif shard == "deepspeed":
         from unlearn.train import deepspeed
         state = deepspeed.full_state_dict(model)
     else:
@@ -126,7 +130,8 @@ def _free_port() -> int:
 
 
 def _run(script: Path, out: Path, variant: str, procs: int, sharding: str = "fsdp2") -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "DS_ACCELERATOR": "cpu"}  # fmt: skip
     if procs == 1:
         cmd = [sys.executable, str(script), str(out), variant, "none"]
     else:
@@ -139,22 +144,45 @@ def _run(script: Path, out: Path, variant: str, procs: int, sharding: str = "fsd
 VARIANTS = ["npo_kl", "grad_diff", "masked", "lora", "resume", "m:rmu", "m:task_vector", "m:whp"]
 
 
-@pytest.mark.slow
-def test_fsdp2_on_two_processes_matches_one(tmp_path: Path) -> None:
-    """Each variant's final weights (LoRA: its adapters) on 2 sharded processes against 1 plain
-    process; one launch per side runs every variant (a launch costs seconds)."""
-    script = tmp_path / "run.py"
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> tuple[Path, Path]:
+    """(the script, its outputs): every variant (but resume) on one plain process, once."""
+    root = tmp_path_factory.mktemp("plain")
+    script = root / "run.py"
     script.write_text(SCRIPT)
-    one, two = tmp_path / "one", tmp_path / "two"
-    plain = [v for v in VARIANTS if v != "resume"]  # resume's reference is npo_kl's run
-    _run(script, one, ",".join(plain), 1)
-    _run(script, two, ",".join(VARIANTS), 2)
-    for variant in VARIANTS:
-        a = torch.load(one / ("npo_kl" if variant == "resume" else variant) / "weights.pt")
+    _run(script, root / "one", ",".join(v for v in VARIANTS if v != "resume"), 1)
+    return script, root / "one"
+
+
+def _compare(one: Path, two: Path, variants: list[str], tol: float, label: str) -> None:
+    for variant in variants:
+        key = variant.split("/")[-1]
+        a = torch.load(one / ("npo_kl" if key == "resume" else key) / "weights.pt")
         b = torch.load(two / variant / "weights.pt")
         assert a.keys() == b.keys() and a, variant
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-        assert worst < 1e-5, f"{variant}: 1 process vs FSDP2 on 2 differ by {worst}"
+        assert worst < tol, f"{variant}: 1 process vs {label} differ by {worst}"
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_matches_one(plain, tmp_path: Path) -> None:
+    """Each variant's final weights (LoRA: its adapters) on 2 sharded processes against 1 plain
+    process; one launch per side runs every variant (a launch costs seconds)."""
+    script, one = plain
+    _run(script, tmp_path / "two", ",".join(VARIANTS), 2)
+    _compare(one, tmp_path / "two", VARIANTS, 1e-5, "FSDP2 on 2")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_and_zero3_on_two_processes_match_one(plain, tmp_path: Path) -> None:
+    """DeepSpeed through accelerate on 2 CPU processes (DS_ACCELERATOR=cpu): the forget and
+    retain backward passes of a step accumulate and the optimizer steps once (a second step per
+    optimizer step would move the weights twice as far), for ZeRO-2 and ZeRO-3."""
+    pytest.importorskip("deepspeed")
+    script, one = plain
+    variants = ["zero2/npo_kl", "zero2/lora", "zero2/m:rmu", "zero3/npo_kl", "zero3/lora"]
+    _run(script, tmp_path / "ds", ",".join(variants), 2, sharding="deepspeed")
+    _compare(one, tmp_path / "ds", variants, 1e-5, "DeepSpeed on 2")
 
 
 #: Every method that runs on several processes (UNO and UNO-S combine the gradients themselves and
@@ -226,3 +254,36 @@ def test_fsdp2_from_the_command_line(tiny_model_dir, qa_files, tmp_path: Path) -
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-4, worst
+
+
+def test_deepspeed_settings_that_cannot_work_are_one_line_before_loading(
+    tiny_model_dir, qa_files, tmp_path, monkeypatch
+):
+    pytest.importorskip("deepspeed")
+    import unlearn
+    from unlearn.errors import UnlearnError
+
+    forget, retain = qa_files
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+
+    def refused(method: str, *overrides: str, resume: bool = False) -> str:
+        with pytest.raises(UnlearnError) as err:
+            unlearn.forget(
+                str(tiny_model_dir), str(forget), str(retain), method, str(tmp_path / "o"),
+                overrides=["train.sharding=deepspeed", *overrides], dry_run=True, resume=resume,
+            )  # fmt: skip
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert "needs a launcher" in refused("npo")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "pickles" in refused("npo", "train.save_every=1")
+    assert "pickles" in refused("npo", resume=True)
+    assert "localize mask" in refused("npo", "localize.method=grin")
+    assert "combines gradients by hand" in refused("uno")
+    assert "rewrites the trained weights" in refused("task_vector", "train.deepspeed=zero3")
+    assert "ZeRO-3" in refused("npo", "train.deepspeed=zero3", "train.logits_chunk=64")
+    assert "neither a shipped config" in refused("npo", f"train.deepspeed={tmp_path / 'no.json'}")
+    assert "not valid JSON" in refused("npo", f"train.deepspeed={bad_json}")

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from method_inputs import full_inputs
 from safetensors.torch import load_file
 
 import unlearn
+from method_inputs import full_inputs
 from unlearn import losses
 from unlearn.errors import UnlearnError
 from unlearn.losses import HeadLogits
@@ -154,7 +154,7 @@ def test_a_model_whose_logits_are_not_its_output_layers_is_refused(
     # Llama ignores this setting, so logits projected with it differ from the model's own
     (model / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 0.5}))
     forget, retain = qa_files
-    with pytest.raises(UnlearnError, match="train.logits_chunk=0") as err:
+    with pytest.raises(UnlearnError, match=r"train\.logits_chunk=0") as err:
         unlearn.forget(
             str(model), str(forget), str(retain), "grad_ascent", str(tmp_path / "o"),
             overrides=[*FAST, "train.max_steps=1", "train.logits_chunk=4"],

@@ -543,18 +543,28 @@ def test_shards_keep_the_global_batch_mean():
     assert sum(per_rank) / 2 == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP"])
-def test_deepspeed_and_fsdp_are_refused_in_one_line(kind):
+def test_launcher_plugins_that_do_not_fit_are_refused_in_one_line():
+    """accelerate's FSDP plugin is refused for ours (train.sharding=fsdp2); its DeepSpeed plugin
+    from a launcher config only with train.sharding=deepspeed (which builds its own)."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
+    from unlearn.config import TrainConfig
     from unlearn.train.setup import refuse_unsupported as _refuse_unsupported
 
+    def acc(kind):
+        return SimpleNamespace(distributed_type=DistributedType[kind])
+
+    plain, ds = TrainConfig(), TrainConfig(sharding="deepspeed")
     with pytest.raises(UnlearnError, match=r"plugin is not supported.*train.sharding=fsdp2") as err:
-        _refuse_unsupported(SimpleNamespace(distributed_type=DistributedType[kind]))
+        _refuse_unsupported(acc("FSDP"), plain)
     assert "\n" not in str(err.value)
-    _refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    with pytest.raises(UnlearnError, match=r"set train.sharding=deepspeed") as err:
+        _refuse_unsupported(acc("DEEPSPEED"), plain)
+    assert "\n" not in str(err.value)
+    _refuse_unsupported(acc("DEEPSPEED"), ds)
+    _refuse_unsupported(acc("MULTI_CPU"), plain)
 
 
 @pytest.mark.parametrize(

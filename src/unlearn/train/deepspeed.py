@@ -57,8 +57,9 @@ def stage(cfg) -> int:
     return int(config_file(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0))
 
 
-def check(cfg, needs, masked: bool, anchor, resume: bool, finalize: bool) -> None:
-    """Refuse what cannot work under DeepSpeed, in one line, before the engine is built."""
+def validate(cfg, method, params) -> None:
+    """Refuse, in one line and before any model loads, a DeepSpeed run that cannot work."""
+    train = cfg.train
     if "WORLD_SIZE" not in os.environ:
         raise UnlearnError(
             "train.sharding=deepspeed needs a launcher: `torchrun --nproc_per_node N -m "
@@ -71,38 +72,61 @@ def check(cfg, needs, masked: bool, anchor, resume: bool, finalize: bool) -> Non
             "train.sharding=deepspeed needs the deepspeed package: pip install deepspeed (on a "
             "machine without CUDA also set DS_ACCELERATOR=cpu)"
         ) from None
-    if masked:
+    zero = stage(train)  # a missing or malformed config fails here
+    if cfg.resume or train.save_every:
         raise UnlearnError(
-            "a parameter mask (localize, or a method's partial mask) is not supported with "
-            "train.sharding=deepspeed (DeepSpeed owns the gradients); use train.sharding=fsdp2"
+            f"{'--resume' if cfg.resume else 'train.save_every'} is not supported with "
+            "train.sharding=deepspeed (DeepSpeed's checkpoints are pickles, which a resume would "
+            "have to unpickle); use train.sharding=fsdp2 for resumable sharded runs"
         )
-    if needs.gradients != "sum":
+    if cfg.localize.active:
         raise UnlearnError(
-            f"gradients={needs.gradients} combines gradients by hand, which DeepSpeed's "
-            "partitioned gradients do not allow; use train.sharding=fsdp2 or none"
+            "a localize mask is not supported with train.sharding=deepspeed (DeepSpeed owns the "
+            "gradients the mask would zero); use train.sharding=fsdp2"
         )
-    if anchor is not None:
-        raise UnlearnError("UOE's router anchor is not supported with train.sharding=deepspeed")
-    if cfg.save_every:
+    gradients = method.needs(params).gradients
+    if gradients != "sum":
         raise UnlearnError(
-            "train.save_every is not supported with train.sharding=deepspeed (its checkpoints are "
-            "pickles, never unpickled by --resume); use train.sharding=fsdp2 for resumable runs"
+            f"method '{method.name}' combines gradients by hand (gradients={gradients}), which "
+            "DeepSpeed's partitioned gradients do not allow; use train.sharding=fsdp2 or none"
         )
-    if resume:
+    if zero >= 3 and method.finalize is not None:
         raise UnlearnError(
-            "--resume is not supported with train.sharding=deepspeed (its checkpoints are "
-            "pickles); use train.sharding=fsdp2 for resumable sharded runs"
+            f"method '{method.name}' rewrites the trained weights at the end, which ZeRO-3's "
+            "partitioned parameters do not allow; use train.deepspeed=zero2"
         )
-    if finalize and stage(cfg) >= 3:
-        raise UnlearnError(
-            "a method that rewrites the trained weights (task_vector) is not supported with "
-            "ZeRO-3 (partitioned parameters); use train.deepspeed=zero2"
-        )
-    if cfg.logits_chunk and stage(cfg) >= 3:
+    if zero >= 3 and train.logits_chunk:
         raise UnlearnError(
             "train.logits_chunk does not work with ZeRO-3 (the output layer's weights are "
             "partitioned outside the model's forward); set train.logits_chunk=0 or use zero2"
         )
+
+
+def check(partial_mask: bool, anchor) -> None:
+    """What only the loaded model shows: a method's own partial mask, UOE's router anchor."""
+    if partial_mask:
+        raise UnlearnError(
+            "a partial parameter mask is not supported with train.sharding=deepspeed (DeepSpeed "
+            "owns the gradients); use train.sharding=fsdp2"
+        )
+    if anchor is not None:
+        raise UnlearnError("UOE's router anchor is not supported with train.sharding=deepspeed")
+
+
+def preload() -> None:
+    """Import deepspeed, where it is installed, before a multi-process launch's process group
+    exists. accelerate imports it on first `unwrap_model` whenever it is installed; imported
+    after the group's first collective it keeps the group's gloo threads alive past
+    `destroy_process_group` (measured: 3 threads left, 0 when imported first), and a gloo thread
+    alive at interpreter teardown can abort the process (see tests/train/test_distributed.py)."""
+    import importlib.util
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or dist.is_initialized():
+        return
+    if importlib.util.find_spec("deepspeed") is not None:
+        import deepspeed  # noqa: F401
 
 
 def fresh_state(wanted: bool) -> None:

@@ -92,6 +92,10 @@ def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:
     validate_train(cfg.train)
     validate_localize(cfg.localize)
     validate_adapter(cfg)
+    if cfg.train.sharding == "deepspeed":
+        from unlearn.train import deepspeed
+
+        deepspeed.validate(cfg, method, params)
     if cfg.localize.active and command != "forget":
         raise UnlearnError("the localize section applies to `unlearn forget` only")
     if cfg.localize.mask is not None:

@@ -209,7 +209,11 @@ def _ranks(cfg: RunConfig):
     from accelerate import PartialState
 
     from unlearn.models import pick_device
+    from unlearn.train import deepspeed
 
+    deepspeed.preload()
+    if cfg.train.sharding == "deepspeed":  # accelerate's DeepSpeed state is never a CPU one
+        return PartialState()
     return PartialState(cpu=pick_device(cfg.model).type == "cpu")
 
 

@@ -18,8 +18,8 @@ from unlearn import forward as fwd
 from unlearn.errors import UnlearnError
 from unlearn.methods.base import Method, Needs
 from unlearn.train import checkpoint as ckpt_io
-from unlearn.train import hidden as hidden_io
 from unlearn.train import deepspeed, optim, sharding
+from unlearn.train import hidden as hidden_io
 from unlearn.train.checkpoint import latest_checkpoint
 from unlearn.train.job import LOG_FILE, TrainJob
 from unlearn.train.reference import frozen_copy, reference_values
@@ -37,6 +37,7 @@ def build(job: TrainJob) -> RunState:
     model, method, cfg = job.model, job.method, job.cfg
     first = next(model.parameters())
     ds = cfg.sharding == "deepspeed"
+    deepspeed.preload()
     deepspeed.fresh_state(ds)
     if ds:
         if first.device.type == "cpu":
@@ -81,7 +82,7 @@ def build(job: TrainJob) -> RunState:
     masked, frozen = ([], []) if adapted else optim.masks(method, job.params, model, job.mask)
     if ds:  # a whole-tensor mask only freezes; a partial one DeepSpeed cannot apply
         partial = any(not bool(m.mask.all()) for m in masked)
-        deepspeed.check(cfg, needs, partial, job.anchor, job.resume, method.finalize is not None)
+        deepspeed.check(partial, job.anchor)
         masked = []
     opt = optim.optimizer(model, cfg, masked)
     sched = optim.scheduler(opt, cfg, len(steps))
