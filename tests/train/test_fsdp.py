@@ -226,9 +226,9 @@ def test_fsdp2_without_a_multi_process_launch_is_one_line(tiny_model_dir, qa_fil
 
 @pytest.mark.slow
 def test_fsdp2_from_the_command_line(tiny_model_dir, qa_files, tmp_path: Path) -> None:
-    """`torchrun ... -m unlearn.cli forget ... train.sharding=fsdp2`: one process writes the output
-    folder, the sharded weights are gathered whole, and they match a one-process run (up to the
-    rounding of one process packing its rows while two pad them)."""
+    """`torchrun ... -m unlearn.cli forget ... train.sharding=fsdp2` (and =deepspeed with ZeRO-3):
+    one process writes the output folder, the sharded weights are gathered whole, and they match
+    a one-process run (up to the rounding of one process packing its rows while two pad them)."""
     from safetensors.torch import load_file
 
     forget, retain = qa_files
@@ -253,6 +253,22 @@ def test_fsdp2_from_the_command_line(tiny_model_dir, qa_files, tmp_path: Path) -
     b = load_file(str(tmp_path / "two" / "model.safetensors"))
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-4, worst
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return
+    # DeepSpeed ZeRO-3 from the command line: the partitioned weights are gathered for the save
+    three = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(_free_port()), "-m", "unlearn.cli", *args, "train.sharding=deepspeed",
+         "train.deepspeed=zero3", "--output", str(tmp_path / "three")],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert three.returncode == 0, three.stderr[-3000:]
+    c = load_file(str(tmp_path / "three" / "model.safetensors"))
+    assert c.keys() == a.keys()
+    worst = max(float((a[k] - c[k]).abs().max()) for k in a)
     assert worst < 1e-4, worst
 
 
