@@ -118,6 +118,7 @@ VARIANTS = {
     "npo_gc": ("npo", [GC]),
     "npo_lora": ("npo", ["model.adapter=lora"]),
     "npo_lora_gc": ("npo", ["model.adapter=lora", GC]),
+    "npo_chunk": ("npo", ["train.logits_chunk=256"]),
 }
 MEM_GOALS = {"npo_lora": 0.40, "npo_lora_gc": 0.40}
 # our variants against OpenUnlearning's plain trainer of their method; not in the default list
