@@ -1,5 +1,6 @@
-"""The GPU check of issue 18: bf16 NPO on a 1B-shaped Llama and LoRA NPO on a 7B-shaped Llama,
-seconds per step and peak GPU memory, written to docs/results/scale.md.
+"""The GPU check of issue 18: bf16 NPO on a 1B-shaped Llama, LoRA and QLoRA NPO on a 7B-shaped
+Llama, DeepSpeed ZeRO-2 on one GPU: seconds per step and peak GPU memory, written to the GPU
+section of docs/results/scale.md (benchmarks/memory_estimate.py writes the CPU section).
 
 No hub access is needed: the models are Llama configurations with random weights (built on the
 GPU in bfloat16 and saved as a local folder, so the run loads them as any user's model), with
@@ -26,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _page import ROOT, provenance
+from _page import ROOT, provenance, write_section
 
 PAGE = ROOT / "docs" / "results" / "scale.md"
 #: name -> (Llama shape, unlearn overrides, steps). Shapes: TinyLlama-1.1B's and Llama-2-7B's.
@@ -41,7 +42,19 @@ CASES = {
          "num_attention_heads": 32, "num_key_value_heads": 32},
         ["model.dtype=bfloat16", "model.adapter=lora", "train.gradient_checkpointing=true"], 4,
     ),
+    "qlora_npo_7b_nf4": (
+        {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+         "num_attention_heads": 32, "num_key_value_heads": 32},
+        ["model.dtype=bfloat16", "model.quantize=nf4", "model.adapter=lora",
+         "train.gradient_checkpointing=true"], 4,
+    ),
+    "zero2_npo_1b_bf16": (  # DeepSpeed on one GPU, launched by torchrun
+        {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+         "num_attention_heads": 32, "num_key_value_heads": 4},
+        ["model.dtype=bfloat16", "train.sharding=deepspeed", "train.deepspeed=zero2"], 6,
+    ),
 }  # fmt: skip
+LAUNCHED = {"zero2_npo_1b_bf16"}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
 
@@ -83,7 +96,8 @@ def child(name: str, tiny: bool, result: Path) -> None:
     shape, overrides, steps = CASES[name]
     if tiny:
         shape, steps = TINY, 3
-        overrides = [o for o in overrides if "dtype" not in o] + ["model.device=cpu"]
+        overrides = [o for o in overrides if "dtype" not in o and "quantize" not in o]
+        overrides.append("model.device=cpu")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         n_params = build_model(folder, shape, tiny)
@@ -138,19 +152,25 @@ def main() -> None:
 
     if not args.tiny and not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA GPU (use --tiny to check the script on CPU)")
-    rows = []
+    rows, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases.split(","):
             out = Path(tmp) / f"{name}.json"
             cmd = [sys.executable, __file__, "--child", name, str(out), *(["--tiny"] * args.tiny)]
+            if name in LAUNCHED:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                       "--master_port", "29533", *cmd[1:]]  # fmt: skip
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0 or not out.is_file():
-                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+                lines = [x for x in done.stderr.splitlines() if x.strip()]
+                failed.append((name, lines[-1][:300] if lines else f"exit {done.returncode}"))
+                print(f"{name} failed:\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
+                continue
             rows.append(json.loads(out.read_text()))
             print(json.dumps(rows[-1]), flush=True)
     if args.write_page and not args.tiny:
         lines = [
-            "# Scale: bf16 and LoRA unlearning on one GPU",
+            "## GPU: bf16, LoRA, QLoRA and DeepSpeed unlearning on one GPU",
             "",
             *provenance("benchmarks/gpu_check.py", sys.argv[1:]),
             "",
@@ -167,8 +187,12 @@ def main() -> None:
                 f"| {r['case']} | {r['parameters'] / 1e9:.2f}B | {trainable} | "
                 f"{' '.join(r['overrides'])} | {r['s_per_step']:.2f} | {r['peak_mib'] / 1024:.1f} |"
             )
-        PAGE.write_text("\n".join(lines) + "\n")
+        for name, why in failed:
+            lines.append(f"| {name} | failed: {why.replace('|', '/')} | | | | |")
+        write_section(PAGE, "Scale: memory and sharding", "gpu", lines)
         print(f"wrote {PAGE}")
+    if failed:
+        sys.exit(f"failed: {', '.join(n for n, _ in failed)}")
 
 
 if __name__ == "__main__":

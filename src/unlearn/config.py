@@ -31,6 +31,11 @@ class ModelConfig:
     adapter: "lora" trains LoRA adapters (the `lora` section) instead of the weights.
     base: the base model of an adapter folder given as `name` (default: the one its run's
         manifest names; it must hash the same).
+    quantize: "nf4" loads the base model's linear layers in 4-bit NormalFloat with double
+        quantization (bitsandbytes; QLoRA, Dettmers et al. 2023) on a CUDA GPU, computing in the
+        model's dtype; LoRA adapters (model.adapter=lora) train on the frozen 4-bit base. The
+        adapter is saved alone (a merge into 4-bit weights would round it away): load it on the
+        full-precision base, as QLoRA does.
     """
 
     name: str = ""
@@ -41,6 +46,7 @@ class ModelConfig:
     cache_dir: str | None = None
     adapter: Literal["none", "lora"] = "none"
     base: str | None = None
+    quantize: Literal["none", "nf4"] = "none"
 
 
 @dataclass
@@ -489,9 +495,11 @@ def validate_adapter(cfg: RunConfig) -> None:
     lora = cfg.lora
     if cfg.merge and cfg.train.sharding != "none":
         raise UnlearnError(
-            "--merge with train.sharding=fsdp2 is not supported; save the adapter, then load it "
-            "(it merges in memory) or run without sharding"
+            f"--merge with train.sharding={cfg.train.sharding} is not supported; save the "
+            "adapter, then load it (it merges in memory) or run without sharding"
         )
+    if cfg.model.quantize != "none":
+        _validate_quantized(cfg)
     if cfg.model.adapter == "none":
         if cfg.merge:
             raise UnlearnError("--merge merges trained adapters; it needs model.adapter=lora")
@@ -520,6 +528,29 @@ def validate_adapter(cfg: RunConfig) -> None:
         raise UnlearnError(
             "with a localize section the localization chooses lora.target_modules; leave it at "
             "its default (all-linear)"
+        )
+
+
+def _validate_quantized(cfg: RunConfig) -> None:
+    if cfg.model.adapter != "lora":
+        raise UnlearnError(
+            f"model.quantize={cfg.model.quantize} (QLoRA) trains adapters on a frozen 4-bit base; "
+            "add model.adapter=lora"
+        )
+    if cfg.merge:
+        raise UnlearnError(
+            "--merge into a 4-bit base would round the adapter away; save the adapter (the "
+            "default) and load it on the full-precision base"
+        )
+    if cfg.localize.active:
+        raise UnlearnError(
+            "a localize section scores gradients of the base weights, which a 4-bit base does "
+            "not have; drop model.quantize or the localize section"
+        )
+    if cfg.train.sharding != "none":
+        raise UnlearnError(
+            f"model.quantize={cfg.model.quantize} with train.sharding={cfg.train.sharding} is "
+            "not supported; run QLoRA on one GPU (or data-parallel, sharding=none)"
         )
 
 

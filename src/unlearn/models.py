@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -242,6 +243,35 @@ def describe_placement(cfg: ModelConfig, resolved: ResolvedModel) -> dict[str, s
     return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "note": note}
 
 
+def check_quantizable(cfg: ModelConfig) -> None:
+    """4-bit loading needs bitsandbytes' CUDA kernels: one line, before anything loads."""
+    device = pick_device(cfg)
+    if device.type != "cuda":
+        raise UnlearnError(
+            f"model.quantize={cfg.quantize} needs a CUDA GPU (bitsandbytes' 4-bit kernels); this "
+            f"run's device is {device.type}: drop model.quantize, or run on a GPU"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UnlearnError(
+            f"model.quantize={cfg.quantize} needs bitsandbytes: pip install bitsandbytes"
+        )
+
+
+def _quantization(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """from_pretrained's arguments for a 4-bit NF4 base (QLoRA's settings), placed on `device`."""
+    if cfg.quantize == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return {"quantization_config": config, "device_map": {"": device.index or 0}}
+
+
 def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = None):
     """Load (model, tokenizer, resolved) ready for training; the source files are never written."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -261,7 +291,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, **common
+            source, dtype=dtype, use_safetensors=True, **common, **_quantization(cfg, dtype, device)
         )
     except UnlearnError:
         raise
@@ -280,7 +310,8 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device | None = Non
         raise UnlearnError(f"could not load model '{cfg.name}' ({first})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
+    if cfg.quantize == "none":  # a quantized model was placed by its device_map
+        model.to(device)
     return model, tokenizer, resolved
 
 

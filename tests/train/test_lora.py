@@ -364,3 +364,27 @@ def test_adapters_start_from_the_run_seed_not_the_global_generator(target_dir, o
     again, other = a_matrices(0), a_matrices(1)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_qlora_settings_that_cannot_work_are_one_line_before_loading(
+    target_dir, qa_files, tmp_path
+):
+    """model.quantize=nf4 (QLoRA) needs adapters, a CUDA GPU and bitsandbytes, and takes no
+    merge, localization or sharding; each is refused before any weight loads (the GPU path
+    itself runs in benchmarks/gpu_check.sh)."""
+    forget, retain = qa_files
+
+    def refused(*overrides: str, merge: bool = False) -> str:
+        with pytest.raises(UnlearnError) as err:
+            unlearn.forget(
+                str(target_dir), str(forget), str(retain), "npo", str(tmp_path / "o"),
+                overrides=["model.quantize=nf4", *overrides], merge=merge, dry_run=True,
+            )  # fmt: skip
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert "add model.adapter=lora" in refused()
+    assert "needs a CUDA GPU" in refused("model.adapter=lora", "model.device=cpu")
+    assert "round the adapter away" in refused("model.adapter=lora", merge=True)
+    assert "localize" in refused("model.adapter=lora", "localize.method=grin")
+    assert "sharding" in refused("model.adapter=lora", "train.sharding=fsdp2")

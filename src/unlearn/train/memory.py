@@ -58,6 +58,7 @@ class Shapes:
     eager_heads: int  # attention heads when attention is eager (it keeps T x T probabilities)
     adapter_floats: int  # floats per token per block the LoRA modules keep (dropout output, A x)
     adapter_bytes: int  # and bytes (dropout masks)
+    linear: int  # weights of the blocks' linear layers (what a 4-bit base quantizes)
 
 
 def _meta_model(plan) -> tuple[Any, Any]:
@@ -115,6 +116,13 @@ def shapes(model: Any, plan) -> Shapes:
         trainable = sum(named[n].numel() for n in chosen if n in named)
     blocks = list(decoder_blocks(model))
     block = sum(p.numel() for p in blocks[0].parameters()) if blocks else 0
+    lora_names = ("lora_A", "lora_B", "lora_embedding")
+    linear = sum(
+        m.weight.numel()
+        for b in blocks
+        for n, m in b.named_modules()
+        if isinstance(m, torch.nn.Linear) and not any(k in n for k in lora_names)
+    )
     floats, masks = 0, 0
     for module in blocks[0].modules() if blocks else []:
         a = getattr(module, "lora_A", None)
@@ -139,6 +147,7 @@ def shapes(model: Any, plan) -> Shapes:
         eager_heads=int(config.num_attention_heads) if attn == "eager" else 0,
         adapter_floats=floats,
         adapter_bytes=masks,
+        linear=linear,
     )
 
 
@@ -192,6 +201,8 @@ def estimate(plan, world: int | None = None) -> dict[str, Any]:
     stops = not needs.logits and bool(needs.hidden_layers) and world == 1
     depth = max(needs.hidden_layers) + 1 if stops else s.layers
     weights = s.params * width / shard
+    if cfg.model.quantize == "nf4":  # 4 bits + double-quantized scales (QLoRA: 0.127 bit/param)
+        weights = (s.params - s.linear) * width + s.linear * 4.127 / 8
     if on_cpu and stops:
         # weights loaded on CPU are the file's pages, resident once read: blocks past the
         # deepest one are never read (the embeddings and head count whole)

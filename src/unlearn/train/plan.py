@@ -92,6 +92,10 @@ def plan_run(cfg: RunConfig, command: str = "forget") -> Plan:
     validate_train(cfg.train)
     validate_localize(cfg.localize)
     validate_adapter(cfg)
+    if cfg.model.quantize != "none":
+        from unlearn.models import check_quantizable
+
+        check_quantizable(cfg.model)
     if cfg.train.sharding == "deepspeed":
         from unlearn.train import deepspeed
 
