@@ -120,6 +120,10 @@ class TrainConfig:
     deepspeed: with sharding=deepspeed, the DeepSpeed config: "zero2", "zero3" (shipped in
         unlearn/resources/deepspeed/) or a JSON file; its "auto" values are filled from this
         section (batch counts, gradient_clipping from max_grad_norm, bf16 from the model).
+    autocast: "auto" runs the forward passes under bfloat16 autocast on a CUDA GPU that has
+        bfloat16 (with model.dtype=auto a float32 checkpoint then trains as float32 weights with
+        bfloat16 matmuls, a bfloat16 one as bfloat16; losses are computed in float32 either
+        way), and not elsewhere; "bf16" forces it (on CPU it is slow); "none" never.
     logits_chunk: answer positions per chunk of the output layer and its softmax (0: the whole
         [batch, length, vocabulary] logits at once). Chunked, the loss terms and the reference
         passes keep the last hidden states only and project `logits_chunk` answer positions at a
@@ -148,6 +152,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     sharding: Literal["none", "fsdp2", "deepspeed"] = "none"
     deepspeed: str = "zero2"
+    autocast: Literal["auto", "bf16", "none"] = "auto"
     logits_chunk: int = 0
 
     def num_warmup_steps(self, total: int) -> int:

@@ -207,3 +207,32 @@ def test_localize_reference_reaches_the_run_and_its_config(tiny_model_dir, qa_fi
     with pytest.raises(UnlearnError, match="reference") as err:
         _forget(tiny_model_dir, qa_files, tmp_path / "bad", extra=["localize.reference=later"])
     assert "\n" not in str(err.value)
+
+
+def test_bf16_autocast_runs_and_stays_close_to_float32(target_dir, qa_files, tmp_path):
+    """train.autocast=bf16 (on a GPU, "auto" chooses it): the reference pass and the training
+    forwards run under bfloat16 autocast with float32 weights; the first step's losses are the
+    float32 run's up to bfloat16 rounding (NPO's is log 2 at step 1 either way: the reference
+    was computed the same way), and the manifest says which ran."""
+    import json
+    import math
+
+    import unlearn
+
+    forget, retain = qa_files
+    first = {}
+    for mode in ("none", "bf16"):
+        res = unlearn.forget(
+            str(target_dir), str(forget), str(retain), "npo", str(tmp_path / mode),
+            overrides=["train.progress=false", "train.nll_check=false", "train.max_steps=2",
+                       "train.batch_size=2", "train.lr=1e-3", f"train.autocast={mode}"],
+        )  # fmt: skip
+        assert res.manifest["autocast"] == ("bf16" if mode == "bf16" else None)
+        assert res.manifest["dtype"] == "float32"
+        log = (tmp_path / mode / "logs" / "train.jsonl").read_text().splitlines()
+        first[mode] = json.loads(log[0])
+    for key in ("forget_loss", "retain_loss"):
+        assert first["bf16"][key] == pytest.approx(first["none"][key], rel=2e-2), key
+    assert first["bf16"]["retain_loss"] != first["none"]["retain_loss"]  # bf16 did run
+    # NPO's forget loss at step 1 is (2/beta) log 2 when the reference is the same computation
+    assert first["bf16"]["forget_loss"] == pytest.approx(2 / 0.1 * math.log(2), rel=1e-3)

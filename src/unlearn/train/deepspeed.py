@@ -129,23 +129,27 @@ def preload() -> None:
         import deepspeed  # noqa: F401
 
 
-def fresh_state(wanted: bool) -> None:
-    """accelerate keeps one AcceleratorState per process and refuses a DeepSpeed plugin for a
-    second Accelerator; a later run in the same process (the API, a sweep) may want another
-    config, or none. The launch's process state (PartialState) is kept."""
+def fresh_state(wanted: bool, mixed_precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses, for a second Accelerator, a
+    DeepSpeed plugin or another mixed precision; a later run in the same process (the API, a
+    sweep) may want another config, or none. The launch's process state (PartialState) is kept."""
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
     state = AcceleratorState._shared_state
-    if state and (wanted or state.get("distributed_type") == DistributedType.DEEPSPEED):
+    if not state:
+        return
+    was_ds = state.get("distributed_type") == DistributedType.DEEPSPEED
+    if wanted or was_ds or state.get("_mixed_precision", "no") != mixed_precision:
         AcceleratorState._reset_state()
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
 
 
-def plugin(cfg, dtype: torch.dtype, world: int):
+def plugin(cfg, dtype: torch.dtype, world: int, autocast: bool = False):
     """accelerate's DeepSpeedPlugin for this run: the chosen config with its "auto" values set
     (one sequence per micro-batch as DeepSpeed counts them, no accumulation of its own, our
-    clipping, bf16 when the model is bf16)."""
+    clipping, bf16 when the model is bf16 or the run autocasts)."""
     from accelerate.utils import DeepSpeedPlugin
 
     ds = config_file(cfg.deepspeed)
@@ -163,7 +167,7 @@ def plugin(cfg, dtype: torch.dtype, world: int):
             "train.deepspeed: gradient_accumulation_steps must be 1 or auto (use train.grad_accum)"
         )
     if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") == "auto":
-        ds["bf16"]["enabled"] = dtype == torch.bfloat16
+        ds["bf16"]["enabled"] = dtype == torch.bfloat16 or autocast
     if dtype == torch.float16:
         raise UnlearnError(
             "train.sharding=deepspeed: use model.dtype=bfloat16 or float32, not float16"

@@ -197,6 +197,9 @@ def estimate(plan, world: int | None = None) -> dict[str, Any]:
     shard = world if train.sharding == "fsdp2" else 1
     per_process = -(-train.batch_size // world)
 
+    # under bfloat16 autocast (train.autocast) the activations are bfloat16 whatever the weights
+    autocast = train.autocast == "bf16" or (train.autocast == "auto" and not on_cpu)
+    act_width = 2 if autocast else width
     # a method reading no logits stops the forward after its deepest block (one process)
     stops = not needs.logits and bool(needs.hidden_layers) and world == 1
     depth = max(needs.hidden_layers) + 1 if stops else s.layers
@@ -232,16 +235,16 @@ def estimate(plan, world: int | None = None) -> dict[str, Any]:
         rows, length, kept, answers = _batch_shape(items, per_process)
         tokens = rows * length
         floats = 11 * s.hidden + 4 * s.intermediate + 2 * s.eager_heads * length + s.adapter_floats
-        per_token = floats * width + s.adapter_bytes
+        per_token = floats * act_width + s.adapter_bytes
         if train.gradient_checkpointing:
-            body = tokens * (depth * s.hidden * width + per_token)
+            body = tokens * (depth * s.hidden * act_width + per_token)
         else:
             body = tokens * depth * per_token
         if not needs.logits:
             return body
         if train.logits_chunk:
             projected = min(train.logits_chunk, answers) * s.vocab * 4
-            logits = rows * kept * s.hidden * width + 3 * projected
+            logits = rows * kept * s.hidden * act_width + 3 * projected
         else:
             logits = 3 * rows * kept * s.vocab * 4
         if kl:  # the starting model's logits and the KL's temporaries

@@ -251,6 +251,7 @@ def _noise(loc, cfg: RunConfig):
 
 def _manifest(plan: Plan, resolved, seqs: _Sequences, result, metrics, loc, clock, model, out):
     from unlearn.models import cache_root
+    from unlearn.train.setup import autocasts
 
     cfg = plan.config
     base = base_model_record(resolved, cache_root(cfg.model))
@@ -277,6 +278,7 @@ def _manifest(plan: Plan, resolved, seqs: _Sequences, result, metrics, loc, cloc
         "train_seconds": round(result.wall_seconds, 2),
         "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "autocast": "bf16" if autocasts(cfg.train, next(model.parameters()).device) else None,
         "metrics": metrics,
         "localization": localization_record(loc),
         "log": str(Path(result.log_path).relative_to(out)),

@@ -38,14 +38,16 @@ def build(job: TrainJob) -> RunState:
     first = next(model.parameters())
     ds = cfg.sharding == "deepspeed"
     deepspeed.preload()
-    deepspeed.fresh_state(ds)
-    if ds:
+    bf16 = autocasts(cfg, first.device)
+    deepspeed.fresh_state(ds, "bf16" if bf16 and not ds else "no")
+    extra: dict[str, Any]
+    if ds:  # DeepSpeed's own bf16 mode (bf16 weights, float32 master copy) stands for autocast
         if first.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        extra = {"deepspeed_plugin": deepspeed.plugin(cfg, first.dtype, world)}
+        extra = {"deepspeed_plugin": deepspeed.plugin(cfg, first.dtype, world, bf16)}
     else:
-        extra = {"cpu": first.device.type == "cpu"}
+        extra = {"cpu": first.device.type == "cpu", "mixed_precision": "bf16" if bf16 else "no"}
     # Every process runs every step (the loop shards each global batch itself), so the scheduler
     # steps once per optimizer step; accelerate's default steps it once per process.
     accelerator = Accelerator(step_scheduler_with_optimizer=False, **extra)
@@ -152,6 +154,13 @@ def build(job: TrainJob) -> RunState:
     )
 
 
+def autocasts(cfg, device: torch.device) -> bool:
+    """Whether this run's forward passes run under bfloat16 autocast (`train.autocast`)."""
+    if cfg.autocast == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return cfg.autocast == "bf16"
+
+
 def check_head(model: Any, items: list, chunk: int) -> float | None:
     """The model's soft-capping, after checking that logits projected outside the model
     (`train.logits_chunk`) equal the model's own on a few tokens of the first example: a model
@@ -219,8 +228,9 @@ def start_values(job: TrainJob, needs: Needs, accelerator) -> StartValues:
     kinds = tuple(k for k in needs.reference if k != "reinforced_logits")
     batch = max(cfg.batch_size, 8)
     chunked = {"chunk": cfg.logits_chunk, "softcap": fwd.logit_softcap(model)}
-    out.forget = reference_values(model, job.forget, job.pad_id, kinds, batch, **chunked)
-    out.second = reference_values(model, job.second or [], job.pad_id, kinds, batch, **chunked)
+    with accelerator.autocast():  # the values the loss compares against, computed as it runs
+        out.forget = reference_values(model, job.forget, job.pad_id, kinds, batch, **chunked)
+        out.second = reference_values(model, job.second or [], job.pad_id, kinds, batch, **chunked)
     if reinforced is not None:
         out.forget["reinforced_logits"] = reinforced["logits"]
         out.forget["reinforced_logits:start"] = reinforced["logits:start"]
