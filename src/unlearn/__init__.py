@@ -1,7 +1,7 @@
 """unlearn: remove the influence of a forget set from a causal language model, and prove it.
 
 The public API is small on purpose (`unlearn.api`): `forget`, `finetune`, `localize`, `evaluate`,
-`report`, and the RESTOR experiment (`restor`, `restor_corrupt`, `restor_eval`). The `unlearn`
+`attack`, `audit`, `report`, and the RESTOR experiment (`restor`, `restor_corrupt`, `restor_eval`). The `unlearn`
 command line calls exactly these.
 """
 
@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 
 from unlearn.api import (
     RunResult,
+    attack,
+    audit,
     evaluate,
     finetune,
     forget,
@@ -27,6 +29,8 @@ __all__ = [
     "TrainingDiverged",
     "UnlearnError",
     "__version__",
+    "attack",
+    "audit",
     "evaluate",
     "finetune",
     "forget",

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.jobs import (
+    attack,
+    audit,
     evaluate,
     finetune,
     forget,
@@ -25,6 +27,8 @@ from unlearn.train.plan import Plan, RunResult
 __all__ = [
     "Plan",
     "RunResult",
+    "attack",
+    "audit",
     "demo",
     "evaluate",
     "finetune",

@@ -80,6 +80,10 @@ def forget(
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     merge: MergeOpt = False,
+    request: Annotated[
+        str | None,
+        typer.Option(help="The deletion request's id, kept in the model's chain (unlearn audit)."),
+    ] = None,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Unlearn a forget set from a model."""
@@ -96,6 +100,7 @@ def forget(
         overwrite=overwrite,
         resume=resume,
         merge=merge,
+        request=request,
         dry_run=dry_run,
     )
     if dry_run:
@@ -334,6 +339,80 @@ def eval_(
 
 
 @app.command()
+def attack(
+    overrides: Overrides = None,
+    config: ConfigOpt = None,
+    model: Annotated[str | None, typer.Option(help="The unlearned model (folder, hub id).")] = None,
+    target: Annotated[
+        str | None, typer.Option(help="The model before unlearning (recovery is against it).")
+    ] = None,
+    attacks: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: quant8, quant4, quant4_fp4, quant4_rtn, relearn, "
+            "relearn_split, paraphrase, fewshot, jailbreak (default: quant8,quant4,relearn,"
+            "paraphrase,fewshot)."
+        ),
+    ] = None,
+    output: OutputOpt = None,
+    benchmark: Annotated[
+        str | None, typer.Option(help="tofu | people | custom | muse (as `unlearn eval`).")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Benchmark split (as `unlearn eval`).")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Local benchmark folder.")] = None,
+    forget: Annotated[str | None, typer.Option(help="Custom forget file.")] = None,
+    retain: Annotated[str | None, typer.Option(help="Custom retain file.")] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="Eval folder of the retain (reference) model.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Use only the first N rows of each set.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the results in a non-empty output folder.")
+    ] = False,
+) -> None:
+    """Attack an unlearned model (quantization, relearning, prompts) and measure how much of what
+    unlearning removed comes back, against the target; settings `attack.*` as overrides."""
+    from unlearn import api
+    from unlearn.attacks.run import markdown
+
+    summary = api.attack(
+        model, target, output, config=config, overrides=overrides or [], attacks=attacks,
+        benchmark=benchmark, split=split, data_dir=data_dir, forget=forget, retain=retain,
+        reference=reference, limit=limit, overwrite=overwrite or None,
+    )  # fmt: skip
+    typer.echo(markdown(summary))
+
+
+@app.command()
+def audit(
+    model: Annotated[str, typer.Argument(help="A model folder written by `unlearn forget`.")],
+    data: Annotated[
+        str | None, typer.Option(help="A data file: was this exact set (or which rows) requested?")
+    ] = None,
+    eval_dir: Annotated[
+        str | None, typer.Option("--eval", help="An `unlearn eval` folder of this model.")
+    ] = None,
+    attack_dir: Annotated[
+        str | None, typer.Option("--attack", help="An `unlearn attack` folder of this model.")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option(help="Write certificate-N.md/.html and audit.json here.")
+    ] = None,
+) -> None:
+    """Print a model's deletion-request chain, check its hashes, answer whether a data file was
+    requested, and write a certificate per request."""
+    from unlearn import api
+    from unlearn.deletion import describe
+
+    result = api.audit(model, data, eval_dir=eval_dir, attack_dir=attack_dir, output=output)
+    typer.echo(describe(result))
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def report(
     eval_dirs: Annotated[
         list[str], typer.Argument(help="Evaluation folders (from `unlearn eval`).")
@@ -513,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line on stderr."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # a typer.Exit's code, when one is raised
     except UnlearnError as exc:
         print(f"unlearn: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -531,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.exceptions.Abort):
             return 1
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -290,6 +290,7 @@ class RunConfig:
     overwrite: bool = False
     resume: bool = False
     merge: bool = False  # with adapters: also write the merged model into the output folder
+    request: str | None = None  # the deletion request this run applies (`unlearn audit`)
 
 
 _SECTIONS: dict[str, type] = {
@@ -301,7 +302,7 @@ _SECTIONS: dict[str, type] = {
     "localize": LocalizeConfig,
     "lora": LoraSettings,
 }
-_SCALARS = {"output", "overwrite", "resume", "merge"}
+_SCALARS = {"output", "overwrite", "resume", "merge", "request"}
 
 
 def _valid_keys(cls: type) -> list[str]:
@@ -665,6 +666,56 @@ class EvalConfig:
     examples: int = 0
     output: str = ""
     overwrite: bool = False
+
+
+#: `unlearn attack`'s attacks: weight quantization (`unlearn.attacks.quantize`, by scheme),
+#: relearning (`unlearn.attacks.relearn`) and prompts (`unlearn.attacks.prompts`).
+QUANT_ATTACKS = {"quant8": "int8", "quant4": "nf4", "quant4_fp4": "fp4", "quant4_rtn": "rtn4"}
+ATTACKS = (*QUANT_ATTACKS, "relearn", "relearn_split", "paraphrase", "fewshot", "jailbreak")
+
+
+@dataclass
+class AttackSettings:
+    """The `attack` section of `unlearn attack`.
+
+    names: the attacks, in order (ATTACKS): quant8 (LLM.int8 weights), quant4 (NF4), quant4_fp4,
+        quant4_rtn (round-to-nearest, groups of 128); relearn (fine-tune on forget rows, then
+        measure them), relearn_split (fine-tune on half of the forget rows, measure the other
+        half: Deeb & Roger 2024); paraphrase, fewshot, jailbreak (prompts).
+    relearn_examples: forget rows relearned (0: all of them; relearn_split: half, always).
+    relearn_steps / relearn_lr / relearn_batch_size: the fine-tuning (Fan et al. 2025 relearn for
+        a few epochs or 15 steps; 15 steps at 2e-5 by default).
+    relearn_data: a file of related question/answer rows or documents to relearn on instead of
+        the forget rows (Hu et al. 2025: loosely related text also restores).
+    shots: forget question/answer pairs put before each question (fewshot).
+    seed: which rows relearning takes and which shots each question gets.
+    """
+
+    names: list[str] = field(
+        default_factory=lambda: ["quant8", "quant4", "relearn", "paraphrase", "fewshot"]
+    )
+    relearn_examples: int = 0
+    relearn_steps: int = 15
+    relearn_lr: float = 2e-5
+    relearn_batch_size: int = 4
+    relearn_data: str | None = None
+    shots: int = 3
+    seed: int = 0
+
+
+def validate_attack(settings: AttackSettings) -> None:
+    unknown = [n for n in settings.names if n not in ATTACKS]
+    if unknown:
+        raise UnlearnError(f"unknown attack {unknown[0]!r}; choose from {', '.join(ATTACKS)}")
+    if not settings.names:
+        raise UnlearnError(f"no attack chosen; pass --attacks with some of {', '.join(ATTACKS)}")
+    if settings.relearn_steps < 1 or settings.relearn_lr <= 0 or settings.relearn_batch_size < 1:
+        raise UnlearnError(
+            "attack.relearn_steps and attack.relearn_batch_size must be >= 1 and "
+            "attack.relearn_lr > 0"
+        )
+    if settings.relearn_examples < 0 or settings.shots < 1:
+        raise UnlearnError("attack.relearn_examples must be >= 0 and attack.shots >= 1")
 
 
 EVAL_SECTIONS: dict[str, type] = {

@@ -10,17 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from unlearn.config import _SCALARS as RUN_SCALARS
 from unlearn.config import (
     EVAL_SCALARS,
     EVAL_SECTIONS,
+    AttackSettings,
     EvalConfig,
     RunConfig,
     build_config,
     build_eval_config,
+    build_section,
     load_yaml,
     resolve_tree,
 )
+from unlearn.errors import UnlearnError
 from unlearn.train.loop import StepCallback
 from unlearn.train.plan import Plan, RunResult, plan_run
 from unlearn.train.recipe import execute
@@ -72,10 +77,14 @@ def forget(
     overwrite: bool | None = None,
     resume: bool | None = None,
     merge: bool | None = None,
+    request: str | None = None,
     callbacks: list[StepCallback] | None = None,
     dry_run: bool = False,
 ) -> RunResult | Plan:
     """Unlearn `forget` from `model` with `method`, keeping `retain`; write the result to `output`.
+
+    `request`: the deletion request's id, recorded with the run in the model's request chain
+    (`unlearn.json` "requests", checked by `unlearn audit`).
 
     `overrides` are dotted `section.key=value` strings (`method.beta=0.2`, `train.lr=1e-5`).
     Returns the output folder and the run's metrics (final losses, forget/retain NLL before/after
@@ -93,6 +102,7 @@ def forget(
         overwrite=overwrite or None,
         resume=resume or None,
         merge=merge or None,
+        request=request,
     )
     plan = plan_run(cfg, "forget")
     return plan if dry_run else execute(plan, callbacks=callbacks)
@@ -198,3 +208,68 @@ def evaluate(
 
     cfg = resolve_eval_config(config, overrides, model=model, output=output, **fields)
     return run_evaluation(cfg, suite=suite, progress=progress)
+
+
+# ---------------------------------------------------------------------------- attack
+def resolve_attack_config(
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    attacks: str | list[str] | None = None,
+    **fields: Any,
+) -> tuple[EvalConfig, AttackSettings]:
+    """`unlearn attack`'s settings: the evaluation's (as `unlearn eval`'s) and the `attack`
+    section (YAML `attack:`, overrides `attack.relearn_steps=30`, `--attacks a,b`)."""
+    tree = dict(config) if isinstance(config, dict) else load_yaml(config) if config else {}
+    section = dict(tree.pop("attack", None) or {})
+    rest = []
+    for item in overrides:
+        if item.startswith("attack."):
+            key, sep, raw = item.removeprefix("attack.").partition("=")
+            if not sep:
+                raise UnlearnError(f"override {item!r} is not KEY=VALUE")
+            section[key] = yaml.safe_load(raw) if raw else raw
+        else:
+            rest.append(item)
+    if attacks is not None:
+        names = attacks.split(",") if isinstance(attacks, str) else list(attacks)
+        section["names"] = [n.strip() for n in names if n.strip()]
+    settings = build_section(AttackSettings, section, "attack")
+    return resolve_eval_config(tree, rest, **fields), settings
+
+
+def attack(
+    model: str | None = None,
+    target: str | None = None,
+    output: str | None = None,
+    *,
+    config: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    attacks: str | list[str] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Attack the unlearned `model` (quantization, relearning, prompts) and measure how much of
+    what unlearning removed comes back, against `target` (the model before unlearning); writes
+    `output`/attack.json and attack.md, the evaluations and the attacked models. `fields` are
+    `unlearn eval`'s (benchmark, split, data_dir, forget, retain, reference, limit, ...)."""
+    from unlearn.attacks.run import run_attacks
+
+    cfg, settings = resolve_attack_config(
+        config, overrides, attacks, model=model, output=output, **fields
+    )
+    return run_attacks(cfg, target or "", settings)
+
+
+def audit(
+    model: str,
+    data: str | None = None,
+    *,
+    eval_dir: str | None = None,
+    attack_dir: str | None = None,
+    output: str | None = None,
+) -> dict[str, Any]:
+    """The deletion requests applied to `model` (its unlearn.json chain), checked link by link
+    against the weights' hashes; whether the `data` file was requested; certificates in `output`
+    (with `eval_dir`'s forget metrics and `attack_dir`'s recovery as evidence)."""
+    from unlearn.deletion import audit as run_audit
+
+    return run_audit(model, data, eval_dir, attack_dir, output)

@@ -360,6 +360,26 @@ def source_sha256(resolved: ResolvedModel, cache: Path | None = None) -> str | N
     return None
 
 
+def weights_sha256(folder: str | Path, cache: Path | None = None) -> str:
+    """sha256 over a model folder's weight files (*.safetensors, in name order; "" without any).
+
+    What a deletion request's chain links (`unlearn audit`): a run's manifest is written after its
+    weights and cannot be part of a hash it records, so configs and manifests are left out."""
+    root = Path(folder)
+    files = sorted(f for f in root.iterdir() if f.is_file() and f.suffix == ".safetensors")
+    if not files:
+        return ""
+
+    def compute() -> str:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            _feed(h, f)
+        return h.hexdigest()
+
+    return _cached_digest(files, compute, cache)
+
+
 def _hashed_files(root: Path) -> list[Path]:
     return [
         f

@@ -67,10 +67,18 @@ def data_record(cfg: DataConfig | None, examples: list[Example] | None) -> dict[
     }
 
 
-def request_chain(resolved, base: dict[str, Any], command: str, method: str, forget: dict) -> list:
+def request_chain(
+    resolved,
+    base: dict[str, Any],
+    command: str,
+    forget: dict,
+    applied: dict[str, Any],
+) -> list:
     """The deletion requests applied to this model, oldest first: the input model's chain (from its
     unlearn.json, when it is a folder this framework wrote) plus this run. Each entry names the
-    forget set by its hash, size and example ids/hashes, never its text."""
+    forget set by its hash, size and example ids/hashes, never its text; `applied` holds the
+    request id, method, hyperparameters, the numbers measured after it, and the weights' hashes
+    before and after (`weights_sha256`), which `unlearn audit` checks link up."""
     chain: list[dict[str, Any]] = []
     manifest = Path(resolved.path) / "unlearn.json"
     if resolved.kind == "local" and manifest.is_file():
@@ -83,10 +91,15 @@ def request_chain(resolved, base: dict[str, Any], command: str, method: str, for
     chain.append(
         {
             "index": len(chain) + 1,
-            "method": method,
+            "request": applied.get("request"),
+            "method": applied.get("method"),
+            "hyperparameters": applied.get("hyperparameters"),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "base_model_sha256": base.get("sha256"),
+            "weights_before": applied.get("weights_before"),
+            "weights_after": applied.get("weights_after"),
             "forget": {k: forget[k] for k in ("kind", "n", "sha256", "examples")},
+            "metrics": applied.get("metrics"),
         }
     )
     return chain

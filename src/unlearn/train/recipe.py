@@ -250,12 +250,22 @@ def _noise(loc, cfg: RunConfig):
 
 
 def _manifest(plan: Plan, resolved, seqs: _Sequences, result, metrics, loc, clock, model, out):
-    from unlearn.models import cache_root
+    from unlearn.models import cache_root, weights_sha256
     from unlearn.train.setup import autocasts
 
     cfg = plan.config
-    base = base_model_record(resolved, cache_root(cfg.model))
+    cache = cache_root(cfg.model)
+    base = base_model_record(resolved, cache)
     forget = data_record(cfg.forget, plan.forget)
+    before = weights_sha256(resolved.path, cache) if resolved.kind == "local" else base["sha256"]
+    applied = {
+        "request": cfg.request,
+        "method": plan.method.name,
+        "hyperparameters": dataclasses.asdict(plan.params),
+        "metrics": metrics,
+        "weights_before": before,
+        "weights_after": weights_sha256(out, cache),
+    }
     return {
         "command": plan.command,
         "method": plan.method.name,
@@ -264,7 +274,7 @@ def _manifest(plan: Plan, resolved, seqs: _Sequences, result, metrics, loc, cloc
         "seed": cfg.train.seed,
         "versions": versions(),
         "base_model": base,
-        "requests": request_chain(resolved, base, plan.command, plan.method.name, forget),
+        "requests": request_chain(resolved, base, plan.command, forget, applied),
         "data": {
             "forget": forget,
             "retain": data_record(cfg.retain, plan.retain) if plan.retain else None,
