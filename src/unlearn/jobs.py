@@ -245,18 +245,21 @@ def attack(
     config: str | Path | dict[str, Any] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     attacks: str | list[str] | None = None,
+    suite: Any = None,
+    baselines: dict[str, str] | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
     """Attack the unlearned `model` (quantization, relearning, prompts) and measure how much of
     what unlearning removed comes back, against `target` (the model before unlearning); writes
     `output`/attack.json and attack.md, the evaluations and the attacked models. `fields` are
-    `unlearn eval`'s (benchmark, split, data_dir, forget, retain, reference, limit, ...)."""
+    `unlearn eval`'s (benchmark, split, data_dir, forget, retain, reference, limit, ...);
+    `suite` a prebuilt suite, `baselines` reusable evaluations ({"target": DIR}) of it."""
     from unlearn.attacks.run import run_attacks
 
     cfg, settings = resolve_attack_config(
         config, overrides, attacks, model=model, output=output, **fields
     )
-    return run_attacks(cfg, target or "", settings)
+    return run_attacks(cfg, target or "", settings, suite, baselines)
 
 
 def audit(

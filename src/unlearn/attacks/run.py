@@ -144,9 +144,17 @@ def _halves(suite, seed: int):
     return train, dataclasses.replace(suite, sets=sets)
 
 
-def run_attacks(cfg: EvalConfig, target: str, settings: AttackSettings) -> dict[str, Any]:
+def run_attacks(
+    cfg: EvalConfig,
+    target: str,
+    settings: AttackSettings,
+    suite=None,
+    baselines: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Evaluate `cfg.model` (unlearned) and `target`, run every attack, write OUT/attack.json
-    and OUT/attack.md; return the summary."""
+    and OUT/attack.md; return the summary. `suite`: a prebuilt suite instead of the benchmark
+    settings' (the demo's); `baselines`: existing evaluation folders of "target" (and
+    "unlearned") on that same suite and settings, reused instead of evaluated again."""
     from unlearn.eval.suites.catalog import build_suite
     from unlearn.models import resolve_model
 
@@ -167,12 +175,16 @@ def run_attacks(cfg: EvalConfig, target: str, settings: AttackSettings) -> dict[
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UnlearnError(f"output folder {out} is not empty; pass --overwrite to replace it")
     t0 = time.time()
-    suite = build_suite(cfg)
+    suite = suite or build_suite(cfg)
     ref = {"retain": Path(cfg.reference)} if cfg.reference else {}
-    base = {
-        "unlearned": _evaluate(cfg, unlearned, out / "evals" / "unlearned", suite, ref),
-        "target": _evaluate(cfg, target, out / "evals" / "target", suite, ref),
-    }
+    base = {}
+    for role, model in (("unlearned", unlearned), ("target", target)):
+        given = (baselines or {}).get(role)
+        if given:
+            base[role] = json.loads((Path(given) / "results.json").read_text())
+            base[role]["output"] = str(given)
+        else:
+            base[role] = _evaluate(cfg, model, out / "evals" / role, suite, ref)
     keys = forget_keys(suite, base["unlearned"]["metrics"])
     summary: dict[str, Any] = {
         "unlearned": unlearned,
