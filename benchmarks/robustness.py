@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _page import ROOT, provenance  # noqa: E402
+from _page import ROOT, provenance
 
 PAGE = ROOT / "docs" / "results" / "robustness.md"
 #: method name on the page -> (unlearn method, extra overrides)
