@@ -59,9 +59,9 @@ def data():
 def run(variant):
     out = root / variant
     out.mkdir(parents=True, exist_ok=True)
-    # "zero3/npo_kl": this variant under DeepSpeed with that config
-    shard, ds = (("deepspeed", variant.split("/")[0]) if "/" in variant
-                 else (sharding, zero or "zero2"))
+    # "MODE/variant": this variant sharded by MODE (fsdp2, none, or zero2/zero3: DeepSpeed)
+    mode = variant.split("/")[0] if "/" in variant else sharding
+    shard, ds = ("deepspeed", mode) if mode.startswith("zero") else (mode, zero or "zero2")
     variant = variant.split("/")[-1]
     forget, retain = data()
     fixed = {"npo_kl": ("npo", {"retain_loss": "kl"}), "resume": ("npo", {"retain_loss": "kl"}),
@@ -142,72 +142,68 @@ def _run(script: Path, out: Path, variant: str, procs: int, sharding: str = "fsd
 
 
 VARIANTS = ["npo_kl", "grad_diff", "masked", "lora", "resume", "m:rmu", "m:task_vector", "m:whp"]
+#: Every method that runs on several processes (UNO and UNO-S combine the gradients themselves and
+#: are refused there).
+PARALLEL = [m for m in METHODS if m not in ("uno", "uno_s")]
+DEEPSPEED = ["zero2/npo_kl", "zero2/lora", "zero2/m:rmu", "zero3/npo_kl", "zero3/lora"]
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory) -> tuple[Path, Path]:
-    """(the script, its outputs): every variant (but resume) on one plain process, once."""
-    root = tmp_path_factory.mktemp("plain")
+def launches(tmp_path_factory) -> Path:
+    """Every run of this module, in one launch per process count (a launch costs seconds): one
+    plain process (every variant and method), two processes (FSDP2 variants, data-parallel
+    methods, DeepSpeed variants where deepspeed is installed), four (GradDiff)."""
+    try:
+        import deepspeed  # noqa: F401
+
+        ds = DEEPSPEED
+    except ImportError:
+        ds = []
+    root = tmp_path_factory.mktemp("launches")
     script = root / "run.py"
     script.write_text(SCRIPT)
-    _run(script, root / "one", ",".join(v for v in VARIANTS if v != "resume"), 1)
-    return script, root / "one"
+    one = [v for v in VARIANTS if v != "resume"] + [f"m:{m}" for m in PARALLEL]
+    _run(script, root / "p1", ",".join(dict.fromkeys(one)), 1)
+    two = [f"fsdp2/{v}" for v in VARIANTS] + [f"none/m:{m}" for m in PARALLEL] + ds
+    _run(script, root / "p2", ",".join(two), 2)
+    _run(script, root / "p4", "none/m:grad_diff", 4)
+    return root
 
 
-def _compare(one: Path, two: Path, variants: list[str], tol: float, label: str) -> None:
+def _compare(root: Path, variants: list[str], tol: float, label: str, procs: int = 2) -> None:
     for variant in variants:
         key = variant.split("/")[-1]
-        a = torch.load(one / ("npo_kl" if key == "resume" else key) / "weights.pt")
-        b = torch.load(two / variant / "weights.pt")
+        a = torch.load(root / "p1" / ("npo_kl" if key == "resume" else key) / "weights.pt")
+        b = torch.load(root / f"p{procs}" / variant / "weights.pt")
         assert a.keys() == b.keys() and a, variant
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
         assert worst < tol, f"{variant}: 1 process vs {label} differ by {worst}"
 
 
 @pytest.mark.slow
-def test_fsdp2_on_two_processes_matches_one(plain, tmp_path: Path) -> None:
+def test_fsdp2_on_two_processes_matches_one(launches: Path) -> None:
     """Each variant's final weights (LoRA: its adapters) on 2 sharded processes against 1 plain
-    process; one launch per side runs every variant (a launch costs seconds)."""
-    script, one = plain
-    _run(script, tmp_path / "two", ",".join(VARIANTS), 2)
-    _compare(one, tmp_path / "two", VARIANTS, 1e-5, "FSDP2 on 2")
+    process."""
+    _compare(launches, [f"fsdp2/{v}" for v in VARIANTS], 1e-5, "FSDP2 on 2")
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_and_zero3_on_two_processes_match_one(plain, tmp_path: Path) -> None:
+def test_deepspeed_zero2_and_zero3_on_two_processes_match_one(launches: Path) -> None:
     """DeepSpeed through accelerate on 2 CPU processes (DS_ACCELERATOR=cpu): the forget and
     retain backward passes of a step accumulate and the optimizer steps once (a second step per
     optimizer step would move the weights twice as far), for ZeRO-2 and ZeRO-3."""
     pytest.importorskip("deepspeed")
-    script, one = plain
-    variants = ["zero2/npo_kl", "zero2/lora", "zero2/m:rmu", "zero3/npo_kl", "zero3/lora"]
-    _run(script, tmp_path / "ds", ",".join(variants), 2, sharding="deepspeed")
-    _compare(one, tmp_path / "ds", variants, 1e-5, "DeepSpeed on 2")
-
-
-#: Every method that runs on several processes (UNO and UNO-S combine the gradients themselves and
-#: are refused there).
-PARALLEL = [m for m in METHODS if m not in ("uno", "uno_s")]
+    _compare(launches, DEEPSPEED, 1e-5, "DeepSpeed on 2")
 
 
 @pytest.mark.slow
-def test_results_do_not_depend_on_the_process_count(tmp_path: Path) -> None:
+def test_results_do_not_depend_on_the_process_count(launches: Path) -> None:
     """Each method's loss averages over sequences (NPO) or answer tokens (NLL-like), and the
     sequences are ragged: each process's part is weighed by its share of what the loss averages
     over (`Method.mean_over`), so 1 and 2 processes (data parallel) train every method to the same
     weights, and GradDiff on 4 too."""
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    names = ",".join(f"m:{m}" for m in PARALLEL)
-    _run(script, tmp_path / "p1", names, 1)
-    _run(script, tmp_path / "p2", names, 2, sharding="none")
-    _run(script, tmp_path / "p4", "m:grad_diff", 4, sharding="none")
-    for procs, methods in ((2, PARALLEL), (4, ["grad_diff"])):
-        for m in methods:
-            ref = torch.load(tmp_path / "p1" / f"m:{m}" / "weights.pt")
-            got = torch.load(tmp_path / f"p{procs}" / f"m:{m}" / "weights.pt")
-            worst = max(float((ref[k] - got[k]).abs().max()) for k in ref)
-            assert worst < 2e-5, f"{m}: {procs} processes differ from one by {worst}"
+    _compare(launches, [f"none/m:{m}" for m in PARALLEL], 2e-5, "2 processes")
+    _compare(launches, ["none/m:grad_diff"], 2e-5, "4 processes", procs=4)
 
 
 def test_fsdp2_without_a_multi_process_launch_is_one_line(tiny_model_dir, qa_files, tmp_path):
