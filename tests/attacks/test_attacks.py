@@ -149,6 +149,8 @@ def test_attack_from_the_command_line(target_dir, qa_files, tmp_path, capsys):
     assert summary["attacks"]["paraphrase"]["model"] is None  # the prompts change, not the model
     assert hash_model_files(str(unlearned)) == before
     assert "| quant8 |" in printed and (out / "attack.md").is_file()
+    report = (out / "report" / "report.md").read_text()  # the report's attacks section
+    assert "## Attacks" in report and "quant4_rtn" in report
 
 
 def test_attack_without_a_target_or_with_an_unknown_attack_is_one_line(target_dir, tmp_path):

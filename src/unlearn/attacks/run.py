@@ -236,6 +236,12 @@ def run_attacks(
             **recovery(res["metrics"], before["metrics"], tgt["metrics"], keys),
             "utility": utility_of(res["metrics"], suite),
         }
+    from unlearn.report.build import build_report
+
+    evals = [base["target"]["output"], base["unlearned"]["output"]]
+    evals += [a["eval"] for a in summary["attacks"].values()]
+    build_report(evals, out / "report")  # the attacks section, next to the usual tables
+    summary["report"] = str(out / "report")
     summary["seconds"] = round(time.time() - t0, 1)
     atomic_write_json(out / RESULTS, summary)
     atomic_write_text(out / SUMMARY, markdown(summary))

@@ -424,6 +424,12 @@ def _restor(ctx: Context) -> list[Block]:
     return restor.blocks(restor.restor_runs(ctx.runs), ctx.plots.get("restor_probe", (None, "")))
 
 
+def _attacks(ctx: Context) -> list[Block]:
+    from unlearn.report import attacks
+
+    return attacks.blocks(ctx.runs)
+
+
 def _training(ctx: Context) -> list[Block]:
     return [
         *_plot_blocks("Training loss", "training_loss", ctx.plots["training_loss"]),
@@ -446,6 +452,7 @@ SECTIONS: tuple[Callable[[Context], list[Block]], ...] = (
     _key_metrics,
     _tofu_plots,
     _restor,
+    _attacks,
     _training,
     _all_metrics,
     _examples,
