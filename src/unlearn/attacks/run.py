@@ -16,7 +16,8 @@ knowledge-memorization score's share of the target's). A metric unlearning did n
 below `MIN_GAP`) has no recovery and is listed as such. Utility is reported beside it: an attack
 that restores forgotten answers by wrecking the model (4-bit rounding of a small model) shows it.
 relearn_split measures on the half of the forget rows it did not train on, so its three
-evaluations (unlearned, target, attacked) are of that half.
+evaluations (unlearned, target, attacked) are of that half, without the retain comparison (its
+evaluation scored every forget row).
 """
 
 from __future__ import annotations
