@@ -164,3 +164,27 @@ def test_attack_without_a_target_or_with_an_unknown_attack_is_one_line(target_di
             unlearn.attack(str(target_dir), output=str(tmp_path / "o"), benchmark="people",
                            **kwargs)  # fmt: skip
         assert "\n" not in str(err.value)
+
+
+def test_quantization_without_bitsandbytes_or_into_the_model_folder_is_one_line(
+    target_dir, monkeypatch
+):
+    import builtins
+
+    import unlearn
+
+    real = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name.startswith("bitsandbytes"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(UnlearnError, match="pip install bitsandbytes") as err:
+        quantize_dequantize(torch.ones(4, 8), "nf4")
+    assert "\n" not in str(err.value)
+    assert quantize_dequantize(torch.ones(4, 128), "rtn4").shape == (4, 128)  # needs nothing
+    monkeypatch.setattr(builtins, "__import__", real)
+    with pytest.raises(UnlearnError, match="must not be a model folder"):
+        unlearn.attack(str(target_dir), str(target_dir), str(target_dir), benchmark="people")
