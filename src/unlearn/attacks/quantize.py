@@ -30,6 +30,11 @@ SCHEMES = ("int8", "nf4", "fp4", "rtn4")
 
 
 def _bnb():
+    import logging
+
+    # bitsandbytes looks for an optional CPU matmul kernel on import and warns when it cannot
+    # load it; the attacks only quantize and dequantize, which never use that kernel
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as bnbf
     except ImportError:
