@@ -77,12 +77,14 @@ def utility_of(metrics: dict, suite) -> dict[str, float]:
 def _evaluate(cfg: EvalConfig, model: str, out: Path, suite, compare: dict[str, Path]) -> dict:
     from unlearn.eval.run import run_evaluation
 
+    others = {k: v for k, v in compare.items() if k != "retain"}
     run = dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, name=model),
         output=str(out),
         overwrite=True,
-        compare=[f"{k}={v}" for k, v in compare.items()] or None,
+        reference=str(compare["retain"]) if "retain" in compare else None,
+        compare=[f"{k}={v}" for k, v in others.items()] or None,
         name=out.parent.name if out.name == "eval" else out.name,
     )
     return run_evaluation(run, suite=suite, progress=False)
