@@ -111,6 +111,12 @@ def main() -> None:
     rows = {}
     for name in args.methods.split(","):
         model = unlearn_one(setup, settings, name, out)
+        done = out / "attacks" / name.split(" ")[0] / "attack.json"
+        if done.is_file() and json.loads(done.read_text())["settings"][
+            "names"
+        ] == args.attacks.split(","):
+            rows[name] = json.loads(done.read_text())  # a rerun resumes where it stopped
+            continue
         print(f"[robustness] attacking {name}", flush=True)
         rows[name] = unlearn.attack(
             str(model), str(setup.target), str(out / "attacks" / name.split(" ")[0]),

@@ -688,6 +688,8 @@ class AttackSettings:
     relearn_data: a file of related question/answer rows or documents to relearn on instead of
         the forget rows (Hu et al. 2025: loosely related text also restores).
     shots: forget question/answer pairs put before each question (fewshot).
+    extra_length: tokens added to prompt.max_length for the prompt attacks' evaluations (their
+        prompts are longer; the answers must not be cut off).
     seed: which rows relearning takes and which shots each question gets.
     """
 
@@ -700,6 +702,7 @@ class AttackSettings:
     relearn_batch_size: int = 4
     relearn_data: str | None = None
     shots: int = 3
+    extra_length: int = 256
     seed: int = 0
 
 

@@ -202,7 +202,7 @@ def run_attacks(
     }
     for name in settings.names:
         folder = out / "attacks" / name
-        before, tgt, attacked_suite = base["unlearned"], base["target"], suite
+        before, tgt, attacked_suite, run_cfg = base["unlearned"], base["target"], suite, cfg
         model, extra = unlearned, {}
         if name in QUANT_ATTACKS:
             model, extra = _quantized(unlearned, QUANT_ATTACKS[name], folder / "model", cfg)
@@ -227,12 +227,16 @@ def run_attacks(
             from unlearn.attacks.prompts import attack_suite
 
             attacked_suite = attack_suite(suite, name, settings.shots, settings.seed)
+            longer = cfg.prompt.max_length + settings.extra_length  # longer prompts, whole answers
+            run_cfg = dataclasses.replace(
+                cfg, prompt=dataclasses.replace(cfg.prompt, max_length=longer)
+            )
         compare = {
             **(ref if name != "relearn_split" else {}),
             "before": Path(before["output"]),
             "target": Path(tgt["output"]),
         }
-        res = _evaluate(cfg, model, folder / "eval", attacked_suite, compare)
+        res = _evaluate(run_cfg, model, folder / "eval", attacked_suite, compare)
         summary["attacks"][name] = {
             **extra,
             "model": model if model != unlearned else None,
