@@ -16,8 +16,8 @@ Schemes (bitsandbytes' own quantizers, which run on CPU and GPU):
         bnb_4bit_quant_type="nf4";
   fp4:  4-bit float in blocks of 64, `load_in_4bit`'s default type;
   rtn4: symmetric round-to-nearest to 4 bits in groups of 128 (by hand: scale = absmax / 7 per
-        group), the plain baseline GPTQ/AWQ-style methods improve on; it keeps less of a small
-        model's utility than NF4 (see docs/results/robustness.md).
+        group), the plain baseline GPTQ/AWQ-style methods improve on. On a 135M model both 4-bit
+        schemes cost much utility (docs/results/robustness.md shows it beside every recovery).
 """
 
 from __future__ import annotations

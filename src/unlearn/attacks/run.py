@@ -56,13 +56,20 @@ def recovery(attacked: dict, unlearned: dict, target: dict, keys: list[str]) -> 
     return out
 
 
+#: Suite metrics named like forget metrics that do not measure knowledge of the forget set: forget
+#: quality is a p-value of the distance to the retain model, not a score to recover.
+NOT_KNOWLEDGE = ("forget_quality",)
+
+
 def forget_keys(suite, metrics: dict) -> list[str]:
     """The metrics of the suite's forget sets (`{set}_{metric}`), scalar ones only."""
     names = [s.name for s in suite.sets if s.role == "forget"]
     return sorted(
         k
         for k, v in metrics.items()
-        if isinstance(v, (int, float)) and any(k.startswith(f"{n}_") for n in names)
+        if isinstance(v, (int, float))
+        and any(k.startswith(f"{n}_") for n in names)
+        and k not in NOT_KNOWLEDGE
     )
 
 
