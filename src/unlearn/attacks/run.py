@@ -108,6 +108,11 @@ def _relearn(unlearned: str, rows: list[dict] | None, settings: AttackSettings, 
     """Fine-tune a copy of the unlearned model (NLL) on `rows` or the user's relearn data."""
     from unlearn.jobs import finetune
 
+    if not rows and not settings.relearn_data:
+        raise UnlearnError(
+            "relearning needs question/answer forget rows in the suite, or attack.relearn_data=FILE "
+            "(related text or question/answer rows to relearn on)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         data = settings.relearn_data or str(_rows_file(rows or [], Path(tmp)))
         overrides = [
