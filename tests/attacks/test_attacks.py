@@ -193,3 +193,12 @@ def test_quantization_without_bitsandbytes_or_into_the_model_folder_is_one_line(
     monkeypatch.setattr(builtins, "__import__", real)
     with pytest.raises(UnlearnError, match="must not be a model folder"):
         unlearn.attack(str(target_dir), str(target_dir), str(target_dir), benchmark="people")
+
+
+def test_relearning_with_nothing_to_relearn_is_one_line(tmp_path):
+    from unlearn.attacks.run import _relearn
+    from unlearn.config import AttackSettings
+
+    with pytest.raises(UnlearnError, match=r"attack\.relearn_data") as err:
+        _relearn("unused", [], AttackSettings(), tmp_path / "m", None)
+    assert "\n" not in str(err.value)
