@@ -131,7 +131,7 @@ def _evidence(eval_dir: str | None, attack_dir: str | None) -> dict[str, Any]:
             )
         att = json.loads(path.read_text())
         out["attacks"] = {
-            n: {"mean_recovery": a.get("mean_recovery"), "utility": a.get("utility")}
+            n: {"recovery": a.get("median_recovery"), "utility": a.get("utility")}
             for n, a in att.get("attacks", {}).items()
         }
     return out
@@ -167,7 +167,7 @@ def certificate(entry: dict[str, Any], verdict: dict[str, Any], evidence: dict) 
     if att:
         lines += ["", "## Attacks (recovery: 0 nothing came back, 1 the target's value)", ""]
         for n, a in att.items():
-            lines.append(f"- {n}: recovery {a['mean_recovery']}, utility {a['utility']}")
+            lines.append(f"- {n}: recovery {a['recovery']}, utility {a['utility']}")
     return "\n".join(lines) + "\n"
 
 

@@ -103,6 +103,12 @@ def test_recovery_is_the_share_of_the_gap_brought_back():
     assert out["recovery"]["forget_prob"] == pytest.approx(0.25)  # lower is the target's side
     assert out["not_moved"] == ["forget_same"] and "forget_same" not in out["recovery"]
     assert out["mean_recovery"] == pytest.approx(0.375)
+    assert out["median_recovery"] == pytest.approx(0.375)
+    # one barely-moved metric's huge ratio moves the mean, not the median
+    unlearned["forget_tr"], target["forget_tr"], attacked["forget_tr"] = 0.5, 0.502, 0.3
+    out = recovery(attacked, unlearned, target, sorted(unlearned))
+    assert out["recovery"]["forget_tr"] == pytest.approx(-100)
+    assert out["median_recovery"] == pytest.approx(0.25) and out["mean_recovery"] < -30
     assert math.isnan(float("nan"))  # (no NaN reaches the output: unmoved metrics are listed)
 
 

@@ -6,7 +6,8 @@ The unlearned model and the target (the model before unlearning) are evaluated o
 quantization and relearning write a new model under OUT/attacks/NAME/model (the unlearned model's
 folder is only read), prompt attacks rewrite the forget questions; the attacked evaluation
 (OUT/attacks/NAME/eval) names the unlearned one "before" and the target "target" (the
-engine's named comparisons). Recovery, per forget metric m:
+engine's named comparisons). Recovery, per forget metric m (the summary: the median over the
+metrics, which one barely-moved metric's huge ratio does not drag):
 
     recovery_m = (m_attacked - m_unlearned) / (m_target - m_unlearned)
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -51,8 +53,11 @@ def recovery(attacked: dict, unlearned: dict, target: dict, keys: list[str]) -> 
             out["not_moved"].append(k)
             continue
         out["recovery"][k] = (a - u) / (t - u)
-    values = list(out["recovery"].values())
+    values = sorted(out["recovery"].values())
     out["mean_recovery"] = sum(values) / len(values) if values else None
+    # the summary number: one metric unlearning barely moved gives a huge ratio, which a mean
+    # follows and a median does not
+    out["median_recovery"] = statistics.median(values) if values else None
     return out
 
 
@@ -283,7 +288,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "Recovery = (attacked - unlearned) / (target - unlearned), 0: nothing came back, 1: the "
         "target's value.",
         "",
-        "| attack | mean recovery | " + " | ".join(summary["forget_metrics"])
+        "| attack | recovery (median) | " + " | ".join(summary["forget_metrics"])
         + (f" | {util}" if util else "") + " |",
         "|---" * (2 + len(summary["forget_metrics"]) + bool(util)) + "|",
     ]  # fmt: skip
@@ -292,7 +297,7 @@ def markdown(summary: dict[str, Any]) -> str:
         ("target", None, summary["target_metrics"], summary["utility"]["target"]),
     ]
     rows += [
-        (n, a["mean_recovery"], a["forget_metrics"], a["utility"])
+        (n, a["median_recovery"], a["forget_metrics"], a["utility"])
         for n, a in summary["attacks"].items()
     ]
     for name, rec, metrics, utility in rows:

@@ -58,14 +58,14 @@ def blocks(runs: list[Run]) -> list[Block]:
     found = attack_runs(runs)
     if not found:
         return []
-    header = ["attacked model", "mean recovery"]
+    header = ["attacked model", "recovery (median)"]
     header += [f"{k}: unlearned → attacked (target)" for k in SHOWN]
     header += ["model utility: unlearned → attacked"]
     rows = []
     for run, before, target in found:
         keys = _forget_keys(run.results)
         rec = recovery(run.results["metrics"], before["metrics"], target["metrics"], keys)
-        row = [run.name, _f(rec["mean_recovery"], 2)]
+        row = [run.name, _f(rec["median_recovery"], 2)]
         for k in SHOWN:
             b, a, t = before["metrics"].get(k), run.metrics.get(k), target["metrics"].get(k)
             row.append(f"{_f(b)} → {_f(a)} ({_f(t)})")
@@ -73,7 +73,7 @@ def blocks(runs: list[Run]) -> list[Block]:
         row.append(f"{_f(mu_b)} → {_f(mu_a)}")
         rows.append(row)
     note = (
-        "Recovery = (attacked - unlearned) / (target - unlearned), averaged over the forget "
+        "Recovery = (attacked - unlearned) / (target - unlearned), the median over the forget "
         "metrics unlearning moved: 0, nothing came back; 1, the target's value (docs/attacks.md)."
     )
     return [("h2", "Attacks"), ("p", note), ("table", header, rows)]
