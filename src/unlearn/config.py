@@ -690,6 +690,8 @@ class AttackSettings:
     shots: forget question/answer pairs put before each question (fewshot).
     extra_length: tokens added to prompt.max_length for the prompt attacks' evaluations (their
         prompts are longer; the answers must not be cut off).
+    keep_models: keep the attacked models (OUT/attacks/NAME/model) after their evaluation; off by
+        default, since each is a full copy of the weights (14 GB for a 7B model in bf16).
     seed: which rows relearning takes and which shots each question gets.
     """
 
@@ -703,6 +705,7 @@ class AttackSettings:
     relearn_data: str | None = None
     shots: int = 3
     extra_length: int = 256
+    keep_models: bool = False
     seed: int = 0
 
 

@@ -154,7 +154,9 @@ def test_attack_from_the_command_line(target_dir, qa_files, tmp_path, capsys):
         assert ("retain" in res["comparisons"]) == (name != "relearn_split"), name
         assert a["recovery"] or a["not_moved"], name
         assert a["utility"], name
-    assert (out / "attacks" / "quant8" / "model" / "model.safetensors").is_file()
+    # the attacked weights were evaluated, then deleted (attack.keep_models=false, the default)
+    assert summary["attacks"]["quant8"]["model_deleted"] is True
+    assert not (out / "attacks" / "quant8" / "model").exists()
     assert summary["attacks"]["quant8"]["scheme"] == "int8"
     assert summary["attacks"]["relearn_split"]["relearned_rows"] >= 1
     assert summary["attacks"]["paraphrase"]["model"] is None  # the prompts change, not the model

@@ -4,7 +4,8 @@ what unlearning removed came back.
 The unlearned model and the target (the model before unlearning) are evaluated once on the suite
 (OUT/evals/unlearned, OUT/evals/target). Each attack then makes its own model or prompts:
 quantization and relearning write a new model under OUT/attacks/NAME/model (the unlearned model's
-folder is only read), prompt attacks rewrite the forget questions; the attacked evaluation
+folder is only read; the copy is deleted after its evaluation unless attack.keep_models), prompt
+attacks rewrite the forget questions; the attacked evaluation
 (OUT/attacks/NAME/eval) names the unlearned one "before" and the target "target" (the
 engine's named comparisons). Recovery, per forget metric m (the summary: the median over the
 metrics, which one barely-moved metric's huge ratio does not drag):
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -254,6 +256,9 @@ def run_attacks(
             "target": Path(tgt["output"]),
         }
         res = _evaluate(run_cfg, model, folder / "eval", attacked_suite, compare)
+        if model != unlearned and not settings.keep_models:  # a full copy of the weights
+            shutil.rmtree(folder / "model", ignore_errors=True)
+            extra["model_deleted"] = True
         summary["attacks"][name] = {
             **extra,
             "model": model if model != unlearned else None,
