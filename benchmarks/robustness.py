@@ -4,7 +4,8 @@ attack`; three deletion requests in sequence and their audit. Writes docs/result
 Setup (`unlearn.demo.prepare`, cached): the demo's SmolLM2-135M-Instruct target fine-tuned on
 the built-in fictitious people, its retain model, and their evaluations on the demo's `people`
 suite (32 new tokens, prompts of at most 96 tokens). Each method unlearns the 4 forget people with
-the demo's schedule (3 epochs, lr 1.5e-5, batch 5, retain weight alpha 5 where the method has one)
+the demo's schedule (3 epochs, lr 1.5e-5, batch 5, retain weight alpha 5 where the method has one;
+a larger lr for the methods that do not forget at it, `METHODS`)
 and is attacked with `unlearn attack` (quantization: LLM.int8, NF4, round-to-nearest 4-bit;
 relearning: 15 steps at 2e-5 on every forget row, and on half of them measured on the other half;
 prompts: paraphrased questions, 3 forget facts in context, a jailbreak instruction). Recovery per
@@ -31,15 +32,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _page import ROOT, provenance
 
 PAGE = ROOT / "docs" / "results" / "robustness.md"
-#: method name on the page -> (unlearn method, extra overrides)
+#: method name on the page -> (unlearn method, extra overrides). At the demo's schedule
+#: (docs/results/methods.md) SimNPO, RMU and IdkNLL hardly move the forget answers and GRIN's masked
+#: NPO not at all (docs/results/grin.md), and an attack on a method that did not forget measures
+#: nothing: those get a larger learning rate (GRIN: the setting docs/results/grin.md found).
 METHODS = {
     "grad_ascent": ("grad_ascent", []),
     "grad_diff": ("grad_diff", []),
     "npo": ("npo", []),
-    "simnpo": ("simnpo", []),
-    "rmu": ("rmu", []),
-    "idk_nll": ("idk_nll", []),
-    "grin (npo)": ("npo", ["localize.method=grin"]),
+    "simnpo": ("simnpo", ["train.lr=5e-5"]),
+    "rmu": ("rmu", ["train.lr=5e-4"]),
+    "idk_nll": ("idk_nll", ["train.lr=1e-4"]),
+    "grin (npo)": (
+        "npo",
+        ["localize.method=grin", "localize.top_fraction=0.05", "train.lr=3.5e-4"],
+    ),
 }
 #: Below this drop of forget ROUGE-L recall (target - unlearned) a method did not forget.
 FORGOT = 0.2
@@ -176,14 +183,17 @@ def write_page(rows: dict, chain: dict, args, seconds: float) -> None:
         "",
         "## Recovery per method and attack",
         "",
-        "| method | forget ROUGE-L (target → unlearned) | " + " | ".join(attacks) + " |",
-        "|---" * (2 + len(attacks)) + "|",
-    ]
+        "| method | settings beyond the demo's | forget ROUGE-L (target → unlearned) | "
+        + " | ".join(attacks) + " |",
+        "|---" * (3 + len(attacks)) + "|",
+    ]  # fmt: skip
     for name, summ in rows.items():
         t = summ["target_metrics"].get("forget_rouge_l_recall")
         u = summ["unlearned_metrics"].get("forget_rouge_l_recall")
         cells = [_f(_recovery(summ["attacks"][a])) for a in attacks]
-        lines.append(f"| {name} | {_f(t, '.3f')} → {_f(u, '.3f')} | " + " | ".join(cells) + " |")
+        extra = " ".join(METHODS.get(name, ("", []))[1]) or "–"
+        lines.append(f"| {name} | {extra} | {_f(t, '.3f')} → {_f(u, '.3f')} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
     lines += ["", "## Verdicts (derived from the table by the rule below)", ""]
     lines += [
         f"A method that moved forget ROUGE-L recall by less than {FORGOT} did not forget, and "
