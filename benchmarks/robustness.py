@@ -157,6 +157,12 @@ def _recovery(attack: dict) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _forgot(summary: dict) -> bool:
+    t = summary["target_metrics"].get("forget_rouge_l_recall") or 0.0
+    u = summary["unlearned_metrics"].get("forget_rouge_l_recall") or 0.0
+    return t - u >= FORGOT
+
+
 def _f(v, fmt=".2f") -> str:
     return "–" if v is None else format(v, fmt)
 
@@ -178,7 +184,7 @@ def write_page(rows: dict, chain: dict, args, seconds: float) -> None:
         "moved them (forget ROUGE-L column) has no meaningful recovery: any change of the model "
         "is then a large share of a small gap. Zhang et al. (ICLR 2025) "
         "measured 0.21 in full precision and 0.83 after 4-bit quantization on MUSE with "
-        "Llama-2-7B; their unit is the knowledge-memorization score, ours the mean over the "
+        "Llama-2-7B; their unit is the knowledge-memorization score, ours the median over the "
         "people suite's forget metrics.",
         "",
         "## Recovery per method and attack",
@@ -216,9 +222,7 @@ def write_page(rows: dict, chain: dict, args, seconds: float) -> None:
     }
     for name, summ in rows.items():
         base = summ["utility"]["unlearned"].get("model_utility") or 0.0
-        t = summ["target_metrics"].get("forget_rouge_l_recall") or 0.0
-        u = summ["unlearned_metrics"].get("forget_rouge_l_recall") or 0.0
-        if t - u < FORGOT:
+        if not _forgot(summ):
             lines.append(f"| {name} | " + " | ".join(["did not forget"] * len(families)) + " |")
             continue
         cells = []
@@ -237,14 +241,21 @@ def write_page(rows: dict, chain: dict, args, seconds: float) -> None:
                 verdict = "partial"
             cells.append(f"{verdict} (max {worst[0]:.2f}, {worst[1]})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    q4 = [_recovery(s["attacks"]["quant4"]) for s in rows.values() if "quant4" in s["attacks"]]
-    q4 = [v for v in q4 if v is not None]
-    if q4:
-        lines += [
-            "",
-            f"Mean over the methods of the recovery under 4-bit NF4: {sum(q4) / len(q4):.2f} (Zhang et "
-            "al.: 0.83 on MUSE with 7B models, 0.21 in full precision).",
+    forgot = [n for n, s in rows.items() if _forgot(s)]
+    for attack in ("quant8", "quant4", "quant4_rtn"):
+        values = [
+            _recovery(rows[n]["attacks"][attack]) for n in forgot if attack in rows[n]["attacks"]
         ]
+        values = [v for v in values if v is not None]
+        if values:
+            lines.append(
+                f"\nMean recovery under {attack} over the methods that forgot ({', '.join(forgot)}): "
+                f"{sum(values) / len(values):.2f}."
+            )
+    lines.append(
+        "\nZhang et al. (ICLR 2025): 0.21 in full precision and 0.83 after 4-bit quantization, on "
+        "MUSE with Llama-2-7B."
+    )
     lines += [
         "",
         "## Utility after each attack (model utility; unlearned model's first)",
