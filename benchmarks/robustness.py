@@ -174,7 +174,10 @@ def write_page(rows: dict, chain: dict, args, seconds: float) -> None:
         "# Robustness: does the forgetting hold?",
         "",
         *provenance("benchmarks/robustness.py", sys.argv[1:]),
-        f"- wall time: {seconds / 60:.0f} min",
+        f"- wall time: {seconds / 60:.0f} min"
+        + (" (this invocation; the attacks and requests it reused from "
+           f"{args.out} were run by earlier invocations of this script, same settings)"
+           if getattr(args, "page_only", False) else ""),
         "",
         "The demo's setup (docs/demo.md): SmolLM2-135M-Instruct fine-tuned on 16 fictitious "
         "people, 4 of them unlearned by each method with the demo's schedule; every unlearned "
