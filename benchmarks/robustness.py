@@ -213,7 +213,10 @@ def write_page(rows: dict, chain: dict, args, seconds: float) -> None:
         "**partial** otherwise. Quantization: quant8, quant4, quant4_rtn; prompts: paraphrase, "
         "fewshot, jailbreak; relearning: relearn_split only (relearning the very rows measured "
         "teaches them again whatever unlearning did; the split variant measures the half it did "
-        "not train on, Deeb & Roger's test of whether the knowledge is still there).",
+        "not train on, Deeb & Roger's test of whether the knowledge is still there). Without "
+        "their control (the retain model relearned the same way, not run here), part of a "
+        "relearn_split recovery can be what any model learns from the other half's answers, "
+        "their format and style: read those verdicts as upper bounds.",
         "",
         "| method | quantization | prompts | relearning |",
         "|---|---|---|---|",
