@@ -70,12 +70,13 @@ def _peak_mib() -> float:
 def build_model(folder: Path, shape: dict, tiny: bool) -> int:
     """A random-weight Llama of `shape` with SmolLM2's tokenizer, saved in `folder`; its size."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from unlearn.config import ModelConfig
-    from unlearn.models import load_model_and_tokenizer
+    from unlearn.models import local_folder, resolve_model
 
-    _, tok, _ = load_model_and_tokenizer(ModelConfig(name="smollm2-135m", device="cpu"))
+    spec = ModelConfig(name="smollm2-135m", device="cpu")
+    tok = AutoTokenizer.from_pretrained(local_folder(resolve_model(spec), spec))  # no weights
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, **shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if tiny else torch.bfloat16

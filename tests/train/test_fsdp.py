@@ -19,7 +19,16 @@ import torch
 from unlearn.methods import METHODS
 
 SCRIPT = r"""
-import os, sys, pathlib, torch
+import atexit, os, sys, pathlib, torch
+import torch.distributed as dist
+
+def record_exit():  # registered before train(), so it runs after the exit handler train() adds
+    gloo = [t for t in os.listdir("/proc/self/task")
+            if "gloo" in open(f"/proc/self/task/{t}/comm").read()]
+    open(f"{sys.argv[1]}/exit{os.environ.get('RANK', '0')}.txt", "w").write(
+        f"initialized={dist.is_initialized()} gloo_threads={len(gloo)}")
+
+atexit.register(record_exit)
 from transformers import LlamaConfig, LlamaForCausalLM
 from unlearn.config import TrainConfig
 from unlearn.errors import UnlearnError
@@ -114,12 +123,14 @@ def run(variant):
 
 for v in variants:
     run(v)
-# leave no DTensor or pending gloo work behind before the group goes (see test_distributed.py)
-import gc, torch.distributed as dist
+# leave no DTensor or pending gloo work behind; the process group itself is destroyed by the
+# exit handler `train` registers, which `record_exit` checks
+import gc
 gc.collect()
 if dist.is_initialized():
     dist.barrier()
-    dist.destroy_process_group()
+if accelerate.PartialState().is_main_process:
+    (root / "world.txt").write_text(str(accelerate.PartialState().num_processes))
 """
 
 
@@ -164,7 +175,9 @@ def launches(tmp_path_factory) -> Path:
     script.write_text(SCRIPT)
     one = [v for v in VARIANTS if v != "resume"] + [f"m:{m}" for m in PARALLEL]
     _run(script, root / "p1", ",".join(dict.fromkeys(one)), 1)
-    two = [f"fsdp2/{v}" for v in VARIANTS] + [f"none/m:{m}" for m in PARALLEL] + ds
+    two = [f"fsdp2/{v}" for v in VARIANTS] + [f"none/m:{m}" for m in PARALLEL]
+    two.append("none/npo_kl")  # data parallel with a frozen KL reference and cached values
+    two += ds  # last: a plain run after a DeepSpeed one in the same process is not supported
     _run(script, root / "p2", ",".join(two), 2)
     _run(script, root / "p4", "none/m:grad_diff", 4)
     return root
@@ -194,6 +207,22 @@ def test_deepspeed_zero2_and_zero3_on_two_processes_match_one(launches: Path) ->
     optimizer step would move the weights twice as far), for ZeRO-2 and ZeRO-3."""
     pytest.importorskip("deepspeed")
     _compare(launches, DEEPSPEED, 1e-5, "DeepSpeed on 2")
+
+
+@pytest.mark.slow
+def test_ranks_are_real_and_leave_no_gloo_thread_at_exit(launches: Path) -> None:
+    """The launches ran as 1, 2 and 4 processes, and every rank of the data-parallel one destroyed
+    its process group (so joined gloo's threads) before interpreter teardown: a gloo worker thread releasing a finished
+    all-reduce's tensors at teardown cannot take the GIL and aborts the process ("terminate
+    called without an active exception"); `train` registers the destroy at exit."""
+    for procs in (1, 2, 4):
+        assert (launches / f"p{procs}" / "world.txt").read_text() == str(procs)
+    # the plain data-parallel launch (the 2-process one also ran DeepSpeed, whose engine keeps
+    # its own process groups referenced: their gloo threads outlive the destroy)
+    for rank in range(4):
+        record = (launches / "p4" / f"exit{rank}.txt").read_text()
+        assert record == "initialized=False gloo_threads=0", (rank, record)
+    _compare(launches, ["none/npo_kl"], 1e-5, "DDP on 2")
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def preload() -> None:
     exists. accelerate imports it on first `unwrap_model` whenever it is installed; imported
     after the group's first collective it keeps the group's gloo threads alive past
     `destroy_process_group` (measured: 3 threads left, 0 when imported first), and a gloo thread
-    alive at interpreter teardown can abort the process (see tests/train/test_distributed.py)."""
+    alive at interpreter teardown can abort the process (tests/train/test_fsdp.py checks)."""
     import importlib.util
 
     import torch.distributed as dist

@@ -1,11 +1,11 @@
 """The one training loop that fine-tuning and every unlearning method go through.
 
 Built on `accelerate`: the same loop runs on a CPU laptop and under `accelerate launch` /
-torchrun with multi-process data parallelism (DDP; tests/train/test_distributed.py runs two gloo
+torchrun with multi-process data parallelism (DDP; tests/train/test_fsdp.py runs two gloo
 CPU processes under torchrun and gets a one-process run's weights for the same global batch).
-DeepSpeed and FSDP are refused with a one-line error until they are tested: the forget and retain
-terms are backpropagated in separate passes, and under DeepSpeed each `backward` would step the
-optimizer.
+Sharding goes through torch's FSDP2 (`unlearn.train.sharding`) or DeepSpeed ZeRO through accelerate
+(`unlearn.train.deepspeed`, where only a step's last backward pass steps the optimizer);
+accelerate's own FSDP plugin is refused in one line.
 
 The training side, one concern a module:
 
