@@ -69,11 +69,16 @@ def _gguf_cache_key(path: Path) -> str:
     ]
 
 
+def converted_folder(path: Path, cache: Path, label: str | None = None) -> Path:
+    """Where `convert_gguf` keeps (or will keep) the float32 folder of a GGUF file."""
+    return cache / "models" / f"{label or path.stem}-{_gguf_cache_key(path)}"
+
+
 def convert_gguf(path: Path, cache: Path, label: str | None = None) -> Path:
     """De-quantize a GGUF file into a float32 HF folder once; later calls return the cached copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache / "models" / f"{label or path.stem}-{_gguf_cache_key(path)}"
+    target = converted_folder(path, cache, label)
     if (target / "config.json").is_file() and any((target / w).is_file() for w in WEIGHT_FILES):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -367,8 +372,11 @@ def weights_sha256(folder: str | Path, cache: Path | None = None) -> str:
     weights and cannot be part of a hash it records, so configs and manifests are left out."""
     root = Path(folder)
     files = sorted(f for f in root.iterdir() if f.is_file() and f.suffix == ".safetensors")
-    if not files:
-        return ""
+    return _files_digest(files, cache) if files else ""
+
+
+def _files_digest(files: list[Path], cache: Path | None) -> str:
+    """sha256 over the files' names and contents, in the given order (cached)."""
 
     def compute() -> str:
         h = hashlib.sha256()
@@ -439,13 +447,4 @@ def hash_model_files(folder: str, cache: Path | None = None) -> str:
     root = Path(folder)
     if not root.is_dir():
         return ""
-    files = _hashed_files(root)
-
-    def compute() -> str:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode())
-            _feed(h, f)
-        return h.hexdigest()
-
-    return _cached_digest(files, compute, cache)
+    return _files_digest(_hashed_files(root), cache)

@@ -68,9 +68,8 @@ def recovery(attacked: dict, unlearned: dict, target: dict, keys: list[str]) -> 
 NOT_KNOWLEDGE = ("forget_quality",)
 
 
-def forget_keys(suite, metrics: dict) -> list[str]:
-    """The metrics of the suite's forget sets (`{set}_{metric}`), scalar ones only."""
-    names = [s.name for s in suite.sets if s.role == "forget"]
+def forget_keys(names: list[str], metrics: dict) -> list[str]:
+    """The metrics of the forget sets `names` (`{set}_{metric}`), scalar knowledge ones only."""
     return sorted(
         k
         for k, v in metrics.items()
@@ -207,7 +206,8 @@ def run_attacks(
             base[role]["output"] = str(given)
         else:
             base[role] = _evaluate(cfg, model, out / "evals" / role, suite, ref)
-    keys = forget_keys(suite, base["unlearned"]["metrics"])
+    forget_sets = [s.name for s in suite.sets if s.role == "forget"]
+    keys = forget_keys(forget_sets, base["unlearned"]["metrics"])
     summary: dict[str, Any] = {
         "unlearned": unlearned,
         "target": target,

@@ -35,17 +35,11 @@ def attack_runs(runs: list[Run]) -> list[tuple[Run, dict[str, Any], dict[str, An
 
 
 def _forget_keys(results: dict[str, Any]) -> list[str]:
+    from unlearn.attacks.run import forget_keys
+
     sets = (results.get("settings") or {}).get("sets") or {}
     names = [n for n, d in sets.items() if d.get("role") == "forget"]
-    from unlearn.attacks.run import NOT_KNOWLEDGE
-
-    return sorted(
-        k
-        for k, v in (results.get("metrics") or {}).items()
-        if isinstance(v, (int, float))
-        and any(k.startswith(f"{n}_") for n in names)
-        and k not in NOT_KNOWLEDGE
-    )
+    return forget_keys(names, results.get("metrics") or {})
 
 
 def _f(v: Any, digits: int = 3) -> str:

@@ -65,7 +65,7 @@ def _meta_model(plan) -> tuple[Any, Any]:
     """(the model on the meta device with the run's adapters, its tokenizer or None)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from unlearn.models import _gguf_cache_key, cache_root, resolve_model
+    from unlearn.models import cache_root, converted_folder, resolve_model
 
     cfg = plan.config.model
     resolved = resolve_model(cfg)
@@ -78,8 +78,8 @@ def _meta_model(plan) -> tuple[Any, Any]:
     source, gguf = resolved.path, None
     if resolved.kind in ("alias", "gguf"):
         path = Path(resolved.path)
-        label = resolved.spec if resolved.kind == "alias" else path.stem
-        converted = cache_root(cfg) / "models" / f"{label}-{_gguf_cache_key(path)}"
+        label = resolved.spec if resolved.kind == "alias" else None
+        converted = converted_folder(path, cache_root(cfg), label)
         if (converted / "config.json").is_file():
             source = str(converted)
         else:
